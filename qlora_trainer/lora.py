@@ -1,0 +1,173 @@
+"""Our own LoRA: a wrapper around any linear layer (4-bit or dense), by composition.
+
+    y = base(x) + dropout(x) @ A.T @ B.T * scale,    scale = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A is (r, in), B is (out, r); both fp32 (the optimizer's master copy) while the matmuls run in the compute
+dtype of the input. Initialised as PEFT does (A kaiming-uniform with a=sqrt(5), B zero), so the same seed
+and the same A/B give the same numbers in both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from qlora_trainer import quant
+from qlora_trainer.errors import UserError
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense update LoRA adds to the weight: scale * B @ A, shape (out, in), in fp32."""
+    return (B.float() @ A.float()) * scale
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) @ A.T @ B.T * (alpha / r); base is frozen and may be 4-bit."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got r={r}")
+        self.base = base
+        self.in_features, self.out_features = _features(base)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        device = _device_of(base)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., out)
+        if self.merged:
+            return y
+        dtype = x.dtype  # the compute dtype (bf16 under autocast on GPU, fp32 on CPU)
+        h = self.dropout(x) @ self.lora_A.to(dtype).T  # (..., r)
+        return y + (h @ self.lora_B.to(dtype).T) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return delta_weight(self.lora_A, self.lora_B, self.scale)
+
+    def merge(self) -> None:
+        """Fold the update into a dense base weight (not possible for a 4-bit base: see merge.py)."""
+        self._add_to_base(+1.0)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self._add_to_base(-1.0)
+        self.merged = False
+
+    def _add_to_base(self, sign: float) -> None:
+        if quant.is_nf4_linear(self.base):
+            raise TypeError("cannot merge in place into a 4-bit weight: use qlora_trainer.merge to write a merged model")
+        if self.merged == (sign > 0):
+            raise RuntimeError("already merged" if self.merged else "not merged")
+        weight = self.base.weight
+        delta = self.delta_weight()
+        if isinstance(self.base, Conv1D):
+            delta = delta.T  # Conv1D stores (in, out)
+        with torch.no_grad():
+            weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
+
+
+def _features(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]  # Conv1D stores (in, out)
+    return base.in_features, base.out_features
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or isinstance(module, Conv1D) or quant.is_nf4_linear(module)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Every linear layer LoRA may wrap: all linears except the output layer (lm_head, or the head of a
+    classifier, which trains in full instead). This is what PEFT calls "all-linear"."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {"score", "classifier"}
+    names = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or module is output or name.rsplit(".", 1)[-1] in head_names:
+            continue
+        names.append(name)
+    return names
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Module paths for `targets`: "all-linear", or short names matched on the last path part(s) the way
+    PEFT matches target_modules ("q_proj" matches "model.layers.0.self_attn.q_proj")."""
+    candidates = linear_module_names(model)
+    if targets == ALL_LINEAR:
+        return candidates
+    if isinstance(targets, str):
+        targets = [targets]
+    chosen, unmatched = [], []
+    for target in targets:
+        hits = [n for n in candidates if n == target or n.endswith("." + target)]
+        if not hits:
+            unmatched.append(target)
+        chosen.extend(h for h in hits if h not in chosen)
+    if unmatched:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise UserError(f"lora.targets: {', '.join(unmatched)} match no linear layer of this model; "
+                        f"its linear layers are: {', '.join(kinds)} (or use all-linear)")
+    return chosen
+
+
+def apply_lora(model: nn.Module, targets: str | list[str] = ALL_LINEAR, *, r: int = 16, alpha: float = 32,
+               dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
+    """Freeze the model and wrap each target linear in a LoRALinear, in place. Returns the wrapped paths."""
+    model.requires_grad_(False)
+    names = resolve_targets(model, targets)
+    for name in names:
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{<module path>.lora_A: (r, in), <module path>.lora_B: (out, r)} of every LoRA layer."""
+    state = {}
+    for name, module in lora_modules(model).items():
+        state[f"{name}.lora_A"] = module.lora_A
+        state[f"{name}.lora_B"] = module.lora_B
+    return state
+
+
+def trainable_parameter_summary(model: nn.Module) -> tuple[int, int, str]:
+    """(trainable, total, line) counted as PEFT's print_trainable_parameters does: a 4-bit weight counts
+    two parameters per packed byte."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2 * param.element_size()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    return trainable, total, line

@@ -1,0 +1,111 @@
+"""NF4 4-bit storage through bitsandbytes. The only module that imports bitsandbytes.
+
+Every quantized weight is NF4 with double quantization (the absmax of each 64-value block is itself
+quantized to 8 bits) and blocksize 64: the settings of the QLoRA paper and of transformers'
+`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`,
+so our packed weights are bit-identical to what transformers produces for the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU path warns about optional kernels
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+QUANT_TYPE = "nf4"
+BLOCKSIZE = 64
+DOUBLE_QUANT = True
+
+
+def new_nf4_linear(in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> nn.Module:
+    """An empty 4-bit linear on the meta device; its weight arrives later through `quantize_into`."""
+    if in_features % BLOCKSIZE:
+        # bitsandbytes' CPU kernels need whole blocks per row; every real LLaMA shape has them.
+        raise ValueError(f"in_features={in_features} is not a multiple of the NF4 blocksize {BLOCKSIZE}")
+    module = bnb.nn.Linear4bit(
+        in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+        compress_statistics=DOUBLE_QUANT, quant_type=QUANT_TYPE, quant_storage=torch.uint8, device="meta",
+    )
+    # On CPU in eval/no-grad mode bitsandbytes would repack the weight for a bf16 kernel: ~4e-3 relative
+    # error, and the repacked weight no longer dequantizes. We always want the exact NF4 product.
+    module.support_avx512bf16_for_cpu = False
+    module.requires_grad_(False)
+    return module
+
+
+def is_nf4_linear(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+# Quantize this many values per call: bitsandbytes' CPU kernel makes temporaries several times the size of
+# its input, so a whole 4096 x 14336 weight at once would cost hundreds of MB of host memory.
+CHUNK = 1 << 20
+
+
+def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, "bnbf.QuantState"]:
+    """NF4 + double quantization of a weight, bit-identical to `bnbf.quantize_4bit(weight, blocksize=64,
+    compress_statistics=True, quant_type="nf4")` but in chunks of whole blocks, so the temporaries stay small.
+
+    The first level (4-bit codes + one absmax per 64 values) is independent per block; the second level
+    quantizes all the absmax values together, exactly as bitsandbytes does."""
+    flat = weight.contiguous().view(-1)
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), CHUNK):
+        p, a = torch.ops.bitsandbytes.quantize_4bit.default(flat[start:start + CHUNK], BLOCKSIZE, QUANT_TYPE,
+                                                           torch.uint8)
+        packed.append(p)
+        absmax.append(a)
+    absmax = torch.cat(absmax)
+    offset = absmax.mean()
+    qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+    state = bnbf.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=BLOCKSIZE,
+                            code=bnbf.get_4bit_type(QUANT_TYPE, device=weight.device), quant_type=QUANT_TYPE,
+                            offset=offset, state2=state2)
+    return torch.cat(packed), state
+
+
+def quantize_into(module: nn.Module, weight: torch.Tensor, device: torch.device | str) -> None:
+    """Quantize a full-precision (out, in) weight on `device` and install it in a 4-bit linear."""
+    packed, state = quantize_nf4(weight.to(device))
+    module.weight = bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE, compress_statistics=DOUBLE_QUANT,
+        quant_type=QUANT_TYPE, quant_storage=torch.uint8, module=module, bnb_quantized=True,
+    )
+    module.quant_state = state
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The weight a 4-bit linear actually computes with, (out, in), in the dtype it was quantized from."""
+    return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def quantize_dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """Round-trip a weight through NF4 exactly as loading does: what training saw instead of `weight`."""
+    return bnbf.dequantize_4bit(*quantize_nf4(weight))
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes held by a 4-bit linear: packed weight plus its (double-quantized) statistics."""
+    state = module.weight.quant_state
+    total = module.weight.data.numel() * module.weight.data.element_size()
+    total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    if state.nested:
+        s2 = state.state2
+        total += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
+    return total
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """adamw (torch, fp32 state), adamw_8bit or paged_adamw_8bit (bitsandbytes, 8-bit state)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    if name == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")

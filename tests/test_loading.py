@@ -1,0 +1,251 @@
+"""The streaming NF4 loader against transformers' own bitsandbytes load, its memory bound and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_trainer import quant
+from qlora_trainer.errors import UserError
+from qlora_trainer.loading import load_quantized, random_quantized
+from tests.tiny_models import TINY, transformers_nf4, write_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("sharded"))
+
+
+def _nf4_layers(model) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if quant.is_nf4_linear(m)}
+
+
+@pytest.mark.parametrize("variant", ["sharded", "single-file", "tied"])
+def test_packed_weights_and_logits_equal_transformers(tmp_path, variant):
+    path = write_tiny_llama(tmp_path, tied=variant == "tied", shard_size=None if variant == "single-file" else "150KB")
+    if variant == "single-file":
+        assert (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").exists()
+    else:
+        assert len(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+        assert len(list(path.glob("model-*.safetensors"))) >= 2
+
+    ours = load_quantized(path, compute_dtype="fp32", device="cpu", progress=False)
+    ref = transformers_nf4(path)
+
+    ours_layers, ref_layers = _nf4_layers(ours), _nf4_layers(ref)
+    assert set(ours_layers) == set(ref_layers)  # the same layers are quantized (all linears, not lm_head)
+    assert "lm_head" not in ours_layers and len(ours_layers) == 7 * TINY["num_hidden_layers"]
+    for name, layer in ours_layers.items():
+        theirs = ref_layers[name].weight
+        assert torch.equal(layer.weight.data, theirs.data), name
+        ours_state, their_state = layer.weight.quant_state.as_dict(packed=True), theirs.quant_state.as_dict(packed=True)
+        assert ours_state.keys() == their_state.keys()
+        for key in ours_state:
+            assert torch.equal(ours_state[key], their_state[key]), (name, key)
+
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    if variant == "tied":
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_dequantized_weights_are_close_to_the_checkpoint(sharded):
+    """NF4 is lossy but close: each dequantized weight is within the NF4 step of the bf16 original."""
+    model = load_quantized(sharded, compute_dtype="fp32", device="cpu", progress=False)
+    originals = {}
+    for shard in sharded.glob("model-*.safetensors"):
+        originals.update(load_file(shard))
+    for name, layer in _nf4_layers(model).items():
+        w = originals[name + ".weight"].float()
+        err = (quant.dequantize(layer) - w).abs()
+        # NF4's widest gap between levels is about 0.34 of the block absmax; error is at most half of it
+        block_absmax = w.reshape(-1, quant.BLOCKSIZE).abs().amax(1, keepdim=True)
+        assert (err.reshape(-1, quant.BLOCKSIZE) <= 0.17 * block_absmax + 1e-6).all(), name
+        assert err.mean() < 0.05 * w.abs().mean() * 10
+
+
+def test_non_linear_weights_keep_full_precision(sharded):
+    model = load_quantized(sharded, compute_dtype="fp32", device="cpu", progress=False)
+    originals = {}
+    for shard in sharded.glob("model-*.safetensors"):
+        originals.update(load_file(shard))
+    for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.1.post_attention_layernorm.weight"]:
+        param = model.get_parameter(name)
+        assert param.dtype == torch.float32 and not param.requires_grad
+        assert torch.equal(param, originals[name].float())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(b.device.type == "cpu" for b in model.buffers())
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from qlora_trainer import quant
+    from qlora_trainer.loading import load_quantized
+
+    def hwm():  # peak resident set so far, bytes
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+    before = hwm()  # imports done; the checkpoint is not touched yet
+    model = load_quantized(sys.argv[1], compute_dtype="fp32", device="cpu", progress=False)
+    after = hwm()
+    held = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if type(p).__name__ != "Params4bit")
+    held += sum(quant.quantized_bytes(m) for m in model.modules() if quant.is_nf4_linear(m))
+    print(json.dumps({"before": before, "after": after, "model_bytes": held}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+def test_peak_host_memory_is_one_tensor_plus_the_quantized_model(tmp_path):
+    """Load a 134M-parameter checkpoint (268 MB in bf16) in a fresh process and read its peak RSS."""
+    hidden, inter, layers, vocab = 1024, 4096, 8, 1024
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
+                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    bf16_bytes = sum(t.numel() * 2 for t in tensors.values())
+    largest = max(t.numel() for t in tensors.values())
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    del tensors
+    config = {**TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": vocab, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = result["after"] - result["before"]
+    # One tensor in flight: its bf16 read, the fp32 cast, and bitsandbytes' quantization temporaries.
+    one_tensor = largest * (2 + 4 + 4)
+    bound = result["model_bytes"] + one_tensor + 32 * 2**20  # + allocator/python slack
+    assert result["model_bytes"] < 0.5 * bf16_bytes
+    assert growth < bound, f"peak grew {growth / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
+    assert growth < 0.75 * bf16_bytes  # never the full-precision model
+
+
+def test_random_weight_path_builds_straight_into_nf4():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**TINY)
+    model = random_quantized(config, compute_dtype="fp32", device="cpu", progress=False)
+    assert all(p.device.type != "meta" for p in model.parameters())
+    assert len(_nf4_layers(model)) == 7 * TINY["num_hidden_layers"]
+    w = quant.dequantize(model.model.layers[0].mlp.up_proj)
+    assert w.shape == (TINY["intermediate_size"], TINY["hidden_size"]) and 0.01 < w.std() < 0.03
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9]])).logits
+    assert logits.shape == (1, 3, TINY["vocab_size"]) and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------- clear errors
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _shard_holding(path: Path, key: str) -> Path:
+    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def _rewrite_shard(shard: Path, change) -> None:
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def test_missing_tensor_names_it(sharded, tmp_path):
+    path = _copy_model(sharded, tmp_path / "m")
+    key = "model.layers.1.mlp.up_proj.weight"
+    _rewrite_shard(_shard_holding(path, key), lambda t: t.pop(key))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    del index["weight_map"][key]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"missing 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_quantized(path, device="cpu", progress=False)
+
+
+def test_unexpected_and_misshaped_tensors_name_file_and_key(sharded, tmp_path):
+    path = _copy_model(sharded, tmp_path / "m")
+    key = "model.layers.0.self_attn.k_proj.weight"
+    shard = _shard_holding(path, key)
+    _rewrite_shard(shard, lambda t: t.update({key: torch.zeros(64, 64, dtype=torch.bfloat16)}))
+    with pytest.raises(UserError, match=rf"{shard.name}.*{key}.*shape \(64, 64\).*\(64, 128\)"):
+        load_quantized(path, device="cpu", progress=False)
+
+    path2 = _copy_model(sharded, tmp_path / "m2")
+    shard2 = _shard_holding(path2, key)
+    _rewrite_shard(shard2, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(4)}))
+    index = json.loads((path2 / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.extra.weight"] = shard2.name
+    (path2 / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=rf"{shard2.name}.*unexpected tensor 'model\.layers\.0\.extra\.weight'"):
+        load_quantized(path2, device="cpu", progress=False)
+
+
+def test_truncated_shard_names_the_file(sharded, tmp_path):
+    path = _copy_model(sharded, tmp_path / "m")
+    shard = sorted(path.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UserError, match=shard.name):
+        load_quantized(path, device="cpu", progress=False)
+
+
+def test_folder_errors(sharded, tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        load_quantized(tmp_path / "does-not-exist", device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_quantized(tmp_path / "empty", device="cpu")
+    path = _copy_model(sharded, tmp_path / "noweights")
+    for f in path.glob("model*.safetensors*"):
+        f.unlink()
+    with pytest.raises(UserError, match="no model.safetensors"):
+        load_quantized(path, device="cpu")
+
+
+def test_unsupported_architecture_and_remote_code(sharded, tmp_path):
+    path = _copy_model(sharded, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "no-such-arch"}))
+    with pytest.raises(UserError, match=r"config\.json.*unsupported architecture.*no-such-arch"):
+        load_quantized(path, device="cpu")
+    remote = {**config, "model_type": "my-custom", "auto_map": {"AutoModelForCausalLM": "modeling_x.MyModel"}}
+    (path / "config.json").write_text(json.dumps(remote))
+    with pytest.raises(UserError, match="trust_remote_code"):
+        load_quantized(path, device="cpu")
+
+
+@pytest.mark.parametrize("shard_name", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_that_escapes_the_folder_is_refused(sharded, tmp_path, shard_name):
+    path = _copy_model(sharded, tmp_path / "m")
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard_name
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="outside the model folder"):
+        load_quantized(path, device="cpu")
