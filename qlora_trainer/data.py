@@ -1,0 +1,512 @@
+"""Datasets: read rows (through `datasets`), render each format, mask the prompt, pack, collate.
+
+A tokenized example is {"input_ids": [...], "labels": [...]} with labels aligned to input_ids (the usual
+transformers convention: the logits at position t-1 predict labels[t]); -100 marks tokens with no loss.
+Invariants kept for every causal-LM example:
+  * it ends with the EOS token and that EOS is trained (label = eos id), unless it was truncated;
+  * at most one BOS at the start (none added when the rendered text already starts with it);
+  * labels[0] is always -100, so a packed row never trains one example's first token on the previous one.
+Classification examples are {"input_ids": [...], "labels": int}.
+
+Packed rows add "position_ids" restarting at 0 for every example. transformers (masking_utils:
+find_packed_sequence_indices) turns restarting position_ids into a block-diagonal causal mask, but only when
+attention_mask is None and no cache is used, so a packed batch from `collate` carries position_ids and no
+attention_mask; its right padding forms a segment of its own that no real token can attend to (causal).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+import random
+import statistics
+from dataclasses import dataclass, field
+
+from qlora_trainer.config import DataConfig, RunConfig, load_config
+from qlora_trainer.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMAT_FIELDS = {  # required fields, and the help shown when one is missing
+    "text": (("text",), "text"),
+    "alpaca": (("instruction", "output"), "instruction, output[, input]"),
+    "completion": (("prompt", "completion"), "prompt, completion"),
+    "chat": (("messages",), "messages: a list of {role, content}"),
+    "classification": (("text", "label"), "text, label"),
+}
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class RowError(Exception):
+    """A problem with one row; build_datasets turns it into a UserError naming the file and row number."""
+
+
+@dataclass
+class DataStats:
+    rows: int = 0                # rows read from the files (train + eval)
+    train_examples: int = 0      # tokenized train examples kept (before packing)
+    eval_examples: int = 0
+    truncated: int = 0           # examples cut to max_seq_len (train + eval)
+    dropped: int = 0             # rows dropped because no token was left to train on (train + eval)
+    lengths: list[int] = field(default_factory=list)  # token length of each kept train example
+    trained_tokens: int = 0      # train tokens with a label
+    packed_rows: int | None = None  # train rows after packing (None: no packing)
+    label_names: list[str] | None = None  # classification: label id -> name
+
+    def summary(self) -> str:
+        lines = [f"rows read: {self.rows}; train examples: {self.train_examples}; eval examples: {self.eval_examples}"]
+        if self.lengths:
+            lens = self.lengths
+            lines.append(f"train tokens per example: min {min(lens)}, mean {statistics.fmean(lens):.1f}, "
+                         f"median {statistics.median(lens):g}, max {max(lens)}; trained tokens: {self.trained_tokens}")
+        lines.append(f"truncated to max_seq_len: {self.truncated}; dropped (nothing left to train on): {self.dropped}")
+        if self.packed_rows is not None:
+            lines.append(f"packed into {self.packed_rows} rows")
+        if self.label_names is not None:
+            lines.append(f"labels: {', '.join(f'{i}={n}' for i, n in enumerate(self.label_names))}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def _check_utf8(path: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines = 0, 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line = newlines + chunk[: max(err.start, 0)].count(b"\n") + 1
+                raise UserError(f"{path} is not UTF-8 text (bad byte at offset {offset + err.start}, line {line}): "
+                                f"re-save it as UTF-8") from err
+            offset += len(chunk)
+            newlines += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path} is not UTF-8 text (truncated character at the end): re-save it as UTF-8") from err
+
+
+def _find_bad_json(path: str) -> str | None:
+    """Locate the first JSON syntax error (line number) to give a better message than the reader's."""
+    with open(path, encoding="utf-8") as fh:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as err:
+                        return f"{path} line {number}: invalid JSON ({err.msg}): each line must be one JSON object"
+            return None
+        try:
+            json.load(fh)
+        except json.JSONDecodeError as err:
+            return f"{path} line {err.lineno}: invalid JSON ({err.msg})"
+    return None
+
+
+def load_rows(path: str):
+    """A local jsonl/json/csv/parquet file, a `save_to_disk` folder, or a hub dataset id already in the local
+    cache (never the network) -> datasets.Dataset."""
+    import datasets
+
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(f"{path} is a folder but not a dataset saved with save_to_disk: "
+                            f"point data.path at a jsonl/json/csv/parquet file or such a folder") from err
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise UserError(f"{path} holds splits {', '.join(ds)} but no 'train' split: save the split you want")
+            ds = ds["train"]
+    elif os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in FILE_BUILDERS:
+            raise UserError(f"{path}: unsupported file type '{ext}': use .jsonl, .json, .csv or .parquet")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{path} is not readable: check its permissions")
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{path} is empty: it needs at least one row")
+        if ext != ".parquet":
+            _check_utf8(path)
+        try:
+            ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, split="train")
+        except Exception as err:  # the readers raise many types; the message below keeps the reader's own
+            better = _find_bad_json(path) if FILE_BUILDERS[ext] == "json" else None
+            raise UserError(better or f"{path}: cannot read it as {ext[1:]}: {str(err).splitlines()[0]}") from err
+    elif os.path.splitext(path)[1] or path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise UserError(f"data file {path} not found: check data.path / data.eval_path")
+    else:  # owner/name: a hub dataset id
+        ds = _load_cached_hub_dataset(path)
+    if len(ds) == 0:
+        raise UserError(f"{path} has no rows")
+    return ds
+
+
+def _load_cached_hub_dataset(name: str):
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as err:  # offline load failures come in many types
+        raise UserError(f"data file {name} not found, and no dataset of that name is in the local cache "
+                        f"(nothing is downloaded): use a local file or download it first") from err
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+# -------------------------------------------------------------------------------------------- tokenizing
+
+def load_tokenizer(cfg: RunConfig):
+    """AutoTokenizer for model.path: local files only, remote code only if the config allows it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
+                                             local_files_only=True)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise UserError(f"cannot load a tokenizer from model.path {cfg.model.path}: {reason}") from err
+
+
+def uses_bos(tokenizer) -> bool:
+    """True when the tokenizer itself puts a BOS in front of plain text (Llama: yes; GPT-2, Qwen2: no)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def pad_token_id(tokenizer) -> int:
+    """Id used for padding; its value never matters (padding is masked by attention mask / labels)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _field(row: dict, name: str, fmt: str, optional: bool = False):
+    value = row.get(name)
+    if value is None:
+        if optional:
+            return ""
+        raise RowError(f"missing field '{name}' (format {fmt} needs {FORMAT_FIELDS[fmt][1]})")
+    if not isinstance(value, str):
+        raise RowError(f"field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _segments(row: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """Row -> text pieces in order, each (text, is_response)."""
+    if fmt == "text":
+        return [(_field(row, "text", fmt), True)]
+    if fmt == "alpaca":
+        instruction, output = _field(row, "instruction", fmt), _field(row, "output", fmt)
+        extra = _field(row, "input", fmt, optional=True)
+        prompt = (ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT).format(instruction=instruction, input=extra)
+        return [(prompt, False), (output, True)]
+    if fmt == "completion":
+        return [(_field(row, "prompt", fmt), False), (_field(row, "completion", fmt), True)]
+    if fmt == "chat":
+        return _chat_segments(row, tokenizer)
+    raise ValueError(f"no segments for format {fmt}")
+
+
+def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
+    messages = row.get("messages")
+    if messages is None:
+        raise RowError(f"missing field 'messages' (format chat needs {FORMAT_FIELDS['chat'][1]})")
+    if not isinstance(messages, list) or not messages:
+        raise RowError("field 'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError(f"messages[{i}] must be {{\"role\": str, \"content\": str}}, got {m!r:.80}")
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+        return []
+    messages = messages[: assistant[-1] + 1]  # trailing user turns have nothing to teach
+
+    def render(msgs, generation_prompt=False) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # jinja templates raise their own errors (e.g. roles must alternate)
+            raise RowError(f"the chat template rejected this conversation: {err}") from err
+
+    # The text of assistant turn i is what rendering messages[:i+1] adds to rendering messages[:i] with the
+    # generation prompt (the assistant header): the content and the end-of-turn marker, found by the template.
+    full = render(messages).rstrip()
+    pieces, pos = [], 0
+    for i in assistant:
+        prompt, through = render(messages[:i], generation_prompt=True), render(messages[: i + 1]).rstrip()
+        start, end = len(prompt), len(through)
+        if not (pos <= start <= end and through.startswith(prompt) and full.startswith(through)):
+            raise RowError("the tokenizer's chat template does not render conversations prefix by prefix, so the "
+                           "assistant turns cannot be located: use a template without history rewriting")
+        pieces += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    if pos < len(full):
+        pieces.append((full[pos:], False))
+    return [p for p in pieces if p[0]]
+
+
+def _encode(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Tokenize the joined text (the ids inference sees) and mark the tokens overlapping a response piece.
+
+    One check first: the tokens before each response must be exactly the tokens of that prompt tokenized alone,
+    which is what the model sees at generation time. Some tokenizers break that (GPT-2-style pre-tokenizers
+    split "\\n\\n" before a letter but not at the end of the text); those rows are tokenized piece by piece
+    instead, so the trained prompt ends the way a generation prompt ends. Slow tokenizers (no offsets) too."""
+    text = "".join(t for t, _ in segments)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        full, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        spans, starts, pos = [], [], 0
+        for i, (piece, trained) in enumerate(segments):
+            if trained:
+                spans.append((pos, pos + len(piece)))
+                if i > 0 and not segments[i - 1][1]:
+                    starts.append(pos)
+            pos += len(piece)
+        if all(_prompt_is_stable(tokenizer, text, start, full, offsets) for start in starts):
+            return full, [any(s < e_ and e > s_ for s_, e_ in spans) for s, e in offsets]
+    ids, flags = [], []
+    for piece, trained in segments:
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        flags += [trained] * len(piece_ids)
+    return ids, flags
+
+
+def _prompt_is_stable(tokenizer, text: str, start: int, full: list[int], offsets) -> bool:
+    alone = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+    n = len(alone)
+    return full[:n] == list(alone) and (n == len(full) or offsets[n][0] >= start)
+
+
+def tokenize_row(row: dict, data_cfg: DataConfig, tokenizer, label_ids: dict | None = None) -> tuple[dict | None, bool]:
+    """One row -> (example or None when nothing is left to train on, truncated?). Raises RowError."""
+    fmt, max_len = data_cfg.format, data_cfg.max_seq_len
+    if fmt == "classification":
+        text, label = _field(row, "text", fmt), row.get("label")
+        if label is None:
+            raise RowError(f"missing field 'label' (format classification needs {FORMAT_FIELDS[fmt][1]})")
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise RowError(f"field 'label' must be an integer id or a name, got {label!r}")
+        if isinstance(label, int) and label < 0:
+            raise RowError(f"field 'label' must be 0 or more, got {label}")
+        if label_ids is not None and not isinstance(label, str):
+            raise RowError(f"field 'label' is the id {label} but other rows use names: use names or ids throughout")
+        ids = tokenizer(text)["input_ids"]
+        truncated = len(ids) > max_len
+        return {"input_ids": ids[:max_len], "labels": label_ids[label] if label_ids else label}, truncated
+
+    segments = _segments(row, fmt, tokenizer)
+    if not segments:
+        return None, False
+    if data_cfg.train_on_prompt:
+        segments = [(t, True) for t, _ in segments]
+    ids, flags = _encode(tokenizer, segments)
+    text = segments[0][0]
+    if tokenizer.bos_token is not None and not text.startswith(tokenizer.bos_token) and uses_bos(tokenizer):
+        ids, flags = [tokenizer.bos_token_id] + ids, [False] + flags
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no EOS token, so examples cannot teach the model to stop: "
+                        "set eos_token in the tokenizer files")
+    if not ids or ids[-1] != eos:
+        ids, flags = ids + [eos], flags + [True]
+    flags[-1] = True  # the final EOS is always trained
+    flags[0] = False  # nothing predicts the first token (and a packed row must not predict it from the previous)
+    truncated = len(ids) > max_len
+    ids, flags = ids[:max_len], flags[:max_len]
+    if not any(flags):
+        return None, truncated
+    return {"input_ids": ids, "labels": [t if f else IGNORE for t, f in zip(ids, flags)]}, truncated
+
+
+def _label_map(rows_lists) -> dict | None:
+    """Classification labels: names -> ids in sorted order; int ids stay as they are (None)."""
+    labels = {r.get("label") for rows in rows_lists for r in rows if isinstance(r.get("label"), str)}
+    return {name: i for i, name in enumerate(sorted(labels))} if labels else None
+
+
+def _tokenize_all(rows: list[tuple[int, dict]], where: str, data_cfg, tokenizer, stats, label_ids) -> list[dict]:
+    examples = []
+    for number, row in rows:
+        try:
+            example, truncated = tokenize_row(row, data_cfg, tokenizer, label_ids)
+        except RowError as err:
+            raise UserError(f"{where} row {number}: {err}") from err
+        stats.truncated += truncated
+        if example is None:
+            stats.dropped += 1
+        else:
+            examples.append(example)
+    return examples
+
+
+def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = None):
+    """-> (train_examples, eval_examples, stats): lists of dicts in a fixed order (file order; the eval split is a
+    seeded choice of rows), packed when data_cfg.packing. Raises UserError on bad files or rows."""
+    if data_cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"data.format is chat but the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no "
+                        f"chat template: use a tokenizer with a chat_template, or format alpaca / completion / text")
+    stats = DataStats()
+    ds = load_rows(data_cfg.path)
+    rows = list(enumerate(ds, 1))  # (1-based row number, row)
+    stats.rows = len(rows)
+    if data_cfg.eval_path:
+        eval_where = data_cfg.eval_path
+        eval_rows = list(enumerate(load_rows(data_cfg.eval_path), 1))
+        stats.rows += len(eval_rows)
+    else:
+        eval_where = data_cfg.path
+        n_eval = 0
+        if data_cfg.eval_fraction > 0 and len(rows) > 1:
+            n_eval = min(len(rows) - 1, max(1, round(len(rows) * data_cfg.eval_fraction)))
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        chosen = set(order[:n_eval])
+        eval_rows = [r for i, r in enumerate(rows) if i in chosen]
+        rows = [r for i, r in enumerate(rows) if i not in chosen]
+
+    label_ids = None
+    if data_cfg.format == "classification":
+        label_ids = _label_map([[r for _, r in rows], [r for _, r in eval_rows]])
+    train = _tokenize_all(rows, data_cfg.path, data_cfg, tokenizer, stats, label_ids)
+    evals = _tokenize_all(eval_rows, eval_where, data_cfg, tokenizer, stats, label_ids)
+    if not train:
+        raise UserError(f"{data_cfg.path}: no training examples left after dropping {stats.dropped} rows with "
+                        f"nothing to train on (e.g. no assistant message, or the prompt fills max_seq_len "
+                        f"{data_cfg.max_seq_len}): check data.format and data.max_seq_len")
+    if data_cfg.format == "classification":
+        if label_ids is not None:
+            stats.label_names = list(label_ids)
+        else:
+            top = max(e["labels"] for e in train + evals)
+            stats.label_names = [str(i) for i in range(max(top + 1, num_labels or 0))]
+        if num_labels is not None and len(stats.label_names) > num_labels:
+            raise UserError(f"{data_cfg.path} has {len(stats.label_names)} labels but model.num_labels is "
+                            f"{num_labels}: raise model.num_labels or leave it unset")
+    stats.train_examples, stats.eval_examples = len(train), len(evals)
+    stats.lengths = [len(e["input_ids"]) for e in train]
+    if data_cfg.format != "classification":
+        stats.trained_tokens = sum(sum(t != IGNORE for t in e["labels"]) for e in train)
+    if stats.truncated:
+        logger.warning("%d examples were longer than data.max_seq_len=%d and were truncated (they lose their EOS)",
+                       stats.truncated, data_cfg.max_seq_len)
+    if stats.dropped:
+        logger.warning("%d rows had no tokens left to train on and were dropped", stats.dropped)
+    if data_cfg.packing and data_cfg.format != "classification":
+        train, evals = pack(train, data_cfg.max_seq_len), pack(evals, data_cfg.max_seq_len)
+        stats.packed_rows = len(train)
+    return train, evals, stats
+
+
+# ------------------------------------------------------------------------------------ packing, batches
+
+def pack(examples: list[dict], max_seq_len: int) -> list[dict]:
+    """Greedy, order-preserving packing into rows of at most max_seq_len tokens, with position_ids restarting at 0
+    for every example (transformers then keeps attention inside each example, see the module docstring)."""
+    rows, current = [], None
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if current is None or len(current["input_ids"]) + n > max_seq_len:
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(current)
+        current["input_ids"] += ex["input_ids"]
+        current["labels"] += ex["labels"]
+        current["position_ids"] += list(range(n))
+    return rows
+
+
+def collate(examples: list[dict], pad_id: int = 0) -> dict:
+    """Pad to the longest in the batch on the right. Unpacked: input_ids, attention_mask, labels (B, T).
+    Packed (examples carry position_ids): input_ids, position_ids, labels (B, T) and no attention_mask; pass the
+    batch (minus labels) to the model as is, with use_cache=False. Classification: labels (B,)."""
+    import torch
+
+    packed = ["position_ids" in ex for ex in examples]
+    if any(packed) and not all(packed):
+        raise ValueError("collate: a batch mixes packed and unpacked examples")
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    batch = {"input_ids": torch.full((len(examples), longest), pad_id, dtype=torch.long)}  # (B, T)
+    if all(packed) and examples:
+        # padding gets positions 0, 1, ...: a segment of its own after the real tokens
+        batch["position_ids"] = torch.arange(longest).repeat(len(examples), 1)
+    else:
+        batch["attention_mask"] = torch.zeros((len(examples), longest), dtype=torch.long)
+    token_labels = not isinstance(examples[0]["labels"], int)
+    if token_labels:
+        batch["labels"] = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    else:
+        batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.long)  # (B,)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
+        if "position_ids" in batch:
+            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
+            batch["position_ids"][i, n:] = torch.arange(longest - n)
+        else:
+            batch["attention_mask"][i, :n] = 1
+        if token_labels:
+            batch["labels"][i, :n] = torch.tensor(ex["labels"])
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- preview
+
+def render_example(example: dict, tokenizer, open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """Decode an example with its trained tokens wrapped in [[...]] (special tokens shown)."""
+    labels = example["labels"]
+    if isinstance(labels, int):
+        return f"{tokenizer.decode(example['input_ids'])}  -> label {labels}"
+    out, run, run_trained = [], [], None
+    for tid, lab in zip(example["input_ids"] + [None], labels + [None]):
+        trained = lab is not None and lab != IGNORE
+        if tid is None or (run and trained != run_trained):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            out.append(f"{open_mark}{text}{close_mark}" if run_trained else text)
+            run = []
+        if tid is not None:
+            run.append(tid)
+            run_trained = trained
+    return "".join(out)
+
+
+def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labels: int | None = None) -> str:
+    """A few rendered train examples with trained tokens in [[...]], then the token-length statistics."""
+    unpacked = DataConfig(**{**data_cfg.__dict__, "packing": False})
+    train, _, stats = build_datasets(unpacked, tokenizer, seed, num_labels)
+    if data_cfg.packing and data_cfg.format != "classification":
+        stats.packed_rows = len(pack(train, data_cfg.max_seq_len))
+    parts = [f"data: {data_cfg.path} (format {data_cfg.format}, max_seq_len {data_cfg.max_seq_len}); "
+             f"trained tokens are shown in [[...]]"]
+    for i, ex in enumerate(train[:n]):
+        parts.append(f"--- example {i + 1} ({len(ex['input_ids'])} tokens) ---\n{render_example(ex, tokenizer)}")
+    parts.append("--- statistics ---\n" + stats.summary())
+    return "\n".join(parts)
+
+
+def run_data_command(config_path: str, overrides: list[str]) -> int:
+    """`qlora-trainer data CONFIG [key=value ...]`: print rendered examples and token statistics."""
+    cfg = load_config(config_path, overrides)
+    tokenizer = load_tokenizer(cfg)
+    print(preview(cfg.data, tokenizer, cfg.train.seed, num_labels=cfg.model.num_labels))
+    return 0

@@ -1,0 +1,193 @@
+"""Config: YAML + dotted overrides with types, every rejection (unknown key with a suggestion, wrong type,
+impossible value, missing key, malformed YAML, bad override), the save/load round trip, and configs/*.yaml."""
+
+import glob
+import os
+
+import pytest
+
+from qlora_trainer.config import RunConfig, load_config, save_config
+from qlora_trainer.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINIMAL = "model:\n  path: /models/m\ndata:\n  path: data/train.jsonl\nout: runs/x\n"
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    def write(text=MINIMAL, name="cfg.yaml"):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+    return write
+
+
+def error(path, overrides=()):
+    with pytest.raises(UserError) as err:
+        load_config(path, list(overrides))
+    return str(err.value)
+
+
+def test_defaults_match_the_design(cfg_file):
+    cfg = load_config(cfg_file(), [])
+    assert (cfg.model.path, cfg.model.compute_dtype, cfg.model.task) == ("/models/m", "auto", "causal_lm")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (16, 32.0, 0.05, "all-linear")
+    assert (cfg.data.format, cfg.data.max_seq_len, cfg.data.packing, cfg.data.eval_fraction) == ("alpaca", 2048,
+                                                                                                 False, 0.05)
+    t = cfg.train
+    assert (t.max_steps, t.batch_size, t.grad_accum, t.lr, t.warmup_steps, t.schedule, t.optimizer) == (
+        1000, 1, 16, 2e-4, 10, "cosine", "paged_adamw_8bit")
+    assert (t.save_every, t.eval_every, t.log_every, t.seed, t.max_grad_norm) == (100, 100, 10, 0, 0.3)
+    assert cfg.out == "runs/x" and cfg.resume is False
+
+
+def test_overrides_parse_with_yaml_rules_and_field_types(cfg_file):
+    cfg = load_config(cfg_file(), ["lora.r=32", "data.packing=true", "lora.targets=[q_proj,v_proj]", "out=runs/y",
+                                   "train.lr=3e-4", "lora.alpha=8", "data.eval_path=data/e.jsonl",
+                                   "train.max_grad_norm=1", "resume=true", "data.eval_fraction=0"])
+    assert cfg.lora.r == 32 and type(cfg.lora.r) is int
+    assert cfg.data.packing is True
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.out == "runs/y" and cfg.resume is True
+    assert cfg.train.lr == 3e-4  # YAML reads 3e-4 (no dot) as a string; a float field accepts it
+    assert cfg.lora.alpha == 8.0 and type(cfg.lora.alpha) is float
+    assert cfg.train.max_grad_norm == 1.0 and type(cfg.train.max_grad_norm) is float
+    assert cfg.data.eval_path == "data/e.jsonl" and cfg.data.eval_fraction == 0.0
+    assert load_config(cfg_file(), ["data.eval_path=null"]).data.eval_path is None
+
+
+def test_overrides_beat_the_file_and_can_fill_a_missing_section(cfg_file):
+    path = cfg_file("model: {path: a}\nlora: {r: 4}\nout: o\n")
+    cfg = load_config(path, ["lora.r=8", "data.path=d.jsonl", "model.path=b"])
+    assert (cfg.lora.r, cfg.data.path, cfg.model.path) == (8, "d.jsonl", "b")
+
+
+def test_round_trip_through_save_config(cfg_file, tmp_path):
+    cfg = load_config(cfg_file(), ["lora.targets=[q_proj, k_proj]", "train.lr=1.5e-4", "data.eval_path=e.jsonl",
+                                   "model.compute_dtype=bf16", "lora.use_rslora=true", "train.schedule=linear"])
+    saved = str(tmp_path / "run" / "config.yaml")
+    save_config(cfg, saved)
+    again = load_config(saved, [])
+    assert again == cfg and isinstance(again, RunConfig)
+    assert not [f for f in os.listdir(tmp_path / "run") if f != "config.yaml"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("text, key, suggestion", [
+    ("lora: {rank: 8}", "lora.rank", "lora.r"),
+    ("lora: {lora_alpha: 8}", "lora.lora_alpha", "lora.alpha"),
+    ("train: {learning_rate: 0.1}", "train.learning_rate", "train.lr"),
+    ("train: {max_step: 5}", "train.max_step", "train.max_steps"),
+    ("lr: 0.1", "lr", "train.lr"),
+    ("lorra: {r: 8}", "lorra", "lora"),
+    ("data: {pakcing: true}", "data.pakcing", "data.packing"),
+])
+def test_unknown_keys_suggest_the_closest_valid_key(cfg_file, text, key, suggestion):
+    path = cfg_file(MINIMAL + text + "\n")
+    assert error(path) == f"unknown key '{key}' in {path}: did you mean '{suggestion}'?"
+
+
+def test_unknown_key_in_an_override(cfg_file):
+    msg = error(cfg_file(), ["lora.rank=8"])
+    assert "unknown key 'lora.rank'" in msg and "did you mean 'lora.r'?" in msg
+
+
+@pytest.mark.parametrize("override, key, wanted", [
+    ("lora.r=sixteen", "lora.r", "an integer"),
+    ("lora.r=2.5", "lora.r", "an integer"),
+    ("lora.r=true", "lora.r", "an integer"),
+    ("train.lr=fast", "train.lr", "a number"),
+    ("data.packing=3", "data.packing", "true or false"),
+    ("data.path=[a, b]", "data.path", "a string"),
+    ("lora.targets=[1, 2]", "lora.targets", "list of strings"),
+    ("train.batch_size=", "train.batch_size", "an integer"),
+])
+def test_wrong_types_name_the_key_and_the_type(cfg_file, override, key, wanted):
+    path = cfg_file()
+    msg = error(path, [override])
+    assert path in msg and f"{key} must be" in msg and wanted in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lora.r=0", "lora.r"), ("lora.r=-4", "lora.r"), ("train.lr=0", "train.lr"), ("train.lr=-1e-4", "train.lr"),
+    ("lora.alpha=0", "lora.alpha"), ("lora.dropout=1", "lora.dropout"), ("lora.dropout=-0.1", "lora.dropout"),
+    ("data.max_seq_len=7", "data.max_seq_len"), ("data.eval_fraction=1.0", "data.eval_fraction"),
+    ("data.eval_fraction=-0.1", "data.eval_fraction"), ("train.batch_size=0", "train.batch_size"),
+    ("train.grad_accum=0", "train.grad_accum"), ("train.max_steps=0", "train.max_steps"),
+    ("train.warmup_steps=-1", "train.warmup_steps"), ("lora.targets=q_proj", "lora.targets"),
+])
+def test_impossible_values_are_rejected_with_the_fix(cfg_file, override, key):
+    path = cfg_file()
+    msg = error(path, [override])
+    assert path in msg and f"{key} must be" in msg and f"{key}=" in msg  # names the file, the key, a value to set
+
+
+def test_impossible_value_in_the_file(cfg_file):
+    path = cfg_file(MINIMAL + "lora: {r: 0}\n")
+    assert error(path) == f"{path}: lora.r must be a positive integer, got 0: set e.g. lora.r=16"
+
+
+@pytest.mark.parametrize("override, key, valid", [
+    ("train.schedule=exp", "train.schedule", "cosine, linear, constant"),
+    ("train.optimizer=sgd", "train.optimizer", "adamw, adamw_8bit, paged_adamw_8bit"),
+    ("data.format=sharegpt", "data.format", "text, alpaca, completion, chat, classification"),
+    ("model.compute_dtype=bf32", "model.compute_dtype", "auto, bf16, fp16, fp32"),
+    ("model.task=seq2seq", "model.task", "causal_lm, classification"),
+])
+def test_unknown_enum_values_list_the_valid_ones(cfg_file, override, key, valid):
+    assert f"{key} must be one of {valid}" in error(cfg_file(), [override])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("data: {path: d}\nout: o\n", "model.path"),
+    ("model: {path: m}\nout: o\n", "data.path"),
+    ("model: {path: m}\ndata: {path: d}\n", "out"),
+    ("model: {compute_dtype: bf16}\ndata: {path: d}\nout: o\n", "model.path"),
+])
+def test_missing_required_keys(cfg_file, text, key):
+    path = cfg_file(text)
+    msg = error(path)
+    assert path in msg and f"missing required key '{key}'" in msg
+
+
+def test_malformed_yaml_names_file_and_line(cfg_file):
+    path = cfg_file("model:\n  path: m\nlora: {r: 8\ndata:\n  path: d\n")
+    msg = error(path)
+    assert msg.startswith(f"{path} line ") and "invalid YAML" in msg
+    path = cfg_file("model:\n  path: m\n   bad: indent\n")
+    assert error(path).startswith(f"{path} line 3: invalid YAML")
+
+
+def test_other_bad_input(cfg_file, tmp_path):
+    assert "has no '='" in error(cfg_file(), ["lora.r"])
+    assert "not found" in error(str(tmp_path / "missing.yaml"))
+    assert "top level must be a mapping" in error(cfg_file("- a\n- b\n"))
+    assert "'lora' in" in error(cfg_file(MINIMAL + "lora: 16\n"))
+    assert "model.task classification needs data.format classification" in error(
+        cfg_file(), ["model.task=classification"])
+
+
+def test_every_shipped_config_loads_and_validates():
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert {os.path.basename(p) for p in paths} >= {"tiny.yaml", "llama2-7b.yaml", "llama3-8b.yaml",
+                                                    "llama2-13b.yaml", "llama3-70b.yaml"}
+    for path in paths:
+        cfg = load_config(path, [])
+        assert cfg.out and cfg.model.path and cfg.data.path
+
+
+@pytest.mark.parametrize("name, lr, dropout", [("llama2-7b", 2e-4, 0.1), ("llama3-8b", 2e-4, 0.1),
+                                               ("llama2-13b", 2e-4, 0.1), ("llama3-70b", 1e-4, 0.05)])
+def test_real_configs_use_the_qlora_paper_hyperparameters(name, lr, dropout):
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), [])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (64, 16.0, dropout, "all-linear")
+    assert (cfg.train.lr, cfg.train.optimizer, cfg.train.schedule, cfg.train.max_grad_norm) == (
+        lr, "paged_adamw_8bit", "constant", 0.3)
+    assert cfg.model.compute_dtype == "bf16" and cfg.train.batch_size * cfg.train.grad_accum == 16
+
+
+def test_tiny_config_is_the_cpu_demo():
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [])
+    assert (cfg.model.path, cfg.model.compute_dtype, cfg.data.format, cfg.train.optimizer) == (
+        "assets/tiny-llama", "fp32", "chat", "adamw")
+    assert (cfg.data.path, cfg.data.eval_path, cfg.out) == (
+        "data/demo/train.jsonl", "data/demo/eval.jsonl", "runs/tiny")
