@@ -1,0 +1,422 @@
+"""Peak GPU memory of a QLoRA run, from a model's config.json alone, before anything is loaded.
+
+    qlora-trainer estimate --model /models/llama3-70b --seq-len 4096 --rank 16
+
+The model follows what the trainer does: every decoder nn.Linear stored as bitsandbytes NF4 with double
+quantization (blocksize 64), embeddings/norms/lm_head in the compute dtype, fp32 LoRA A (r, in) and
+B (out, r) with fp32 grads, gradient checkpointing per decoder layer, and a chunked cross-entropy that
+never builds the full (B, T, vocab) logits. All sizes are bytes; N = batch * seq_len tokens.
+
+The peak comes in one of two phases that never overlap: the loss (final norm + one logits chunk) runs
+before any layer's backward, and its buffers are freed before the last layer is recomputed. So
+
+    total = weights + LoRA (params, grads, optimizer) + checkpointed inputs
+            + max(one layer recomputed for backward, loss) + CUDA overhead.
+
+The per-token activation counts below list the tensors autograd saves in transformers' LlamaDecoderLayer
+with our LoRALinear; they are the terms to calibrate against a measured peak (scripts/bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from qlora_trainer.errors import UserError
+
+GIB = 1024**3
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# bitsandbytes NF4 with double quantization (quantize_4bit(blocksize=64, compress_statistics=True)):
+NF4_BLOCKSIZE = 64  # one uint8 quantized absmax per 64 weights
+NF4_NESTED_BLOCKSIZE = 256  # one fp32 absmax per 256 first-level absmax values
+# Per quantized tensor: the NF4 code (16 fp32) + the nested dynamic code (256 fp32) + the fp32 offset.
+NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
+
+# bitsandbytes 8-bit optimizers keep tensors under min_8bit_size in fp32; others as uint8 + fp32 absmax
+# per 256 values, for each of Adam's two moments.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPTIM_BLOCKSIZE = 256
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")  # config.py's train.optimizer choices
+
+# Stated constants, not measured here: the CUDA context (+ cuBLAS workspace), which the torch allocator
+# does not see, and the caching allocator's fragmentation as a fraction of what tensors hold.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+ALLOCATOR_OVERHEAD_FRACTION = 0.05
+
+
+def _loss_bytes_per_logit(act: int) -> int:
+    """One loss chunk, per logit: the logits from lm_head in the compute dtype, their fp32 copy, the fp32
+    softmax/grad, and the grad cast back for lm_head's backward (12 bytes for bf16)."""
+    return act + 4 + 4 + act
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a config.json that memory depends on."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    max_positions: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of each nn.Linear in one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
+            "o_proj": (h, self.q_dim),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
+        }
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run trains with; validation names the command-line flag."""
+
+    seq_len: int = 2048
+    batch_size: int = 1
+    rank: int = 16
+    targets: tuple[str, ...] = ALL_LINEARS
+    optimizer: str = "paged_adamw_8bit"
+    loss_chunk_size: int = 1024
+    compute_dtype: str = "bf16"
+    lora_dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--seq-len", self.seq_len), ("--batch-size", self.batch_size),
+                            ("--rank", self.rank), ("--loss-chunk-size", self.loss_chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{flag} must be a positive integer, got {value!r}")
+        object.__setattr__(self, "targets", parse_targets(self.targets))
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
+        if self.compute_dtype not in DTYPE_BYTES:
+            raise UserError(f"--dtype {self.compute_dtype!r} is not known; choose one of {', '.join(DTYPE_BYTES)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per part of a run's peak GPU memory; `total` is what must fit in the card."""
+
+    quantized_weights: int
+    dense_weights: int  # embeddings + lm_head (unless tied) + norms
+    lora_params: int
+    lora_grads: int
+    optimizer_state: int
+    checkpointed_inputs: int
+    layer_recompute: int  # one layer's saved activations + backward transients (peaks apart from the loss)
+    loss_chunk: int  # final norm + one logits chunk (peaks apart from the layer recompute)
+    cuda_overhead: int
+    lora_param_count: int
+
+    @property
+    def allocated(self) -> int:
+        """What tensors hold at the peak: compare with torch.cuda.max_memory_allocated(), which does not see
+        the CUDA context nor a paged optimizer's state buffers of >= 1e5 elements (bnb allocates those
+        as CUDA managed memory, outside torch's allocator)."""
+        return (self.quantized_weights + self.dense_weights + self.lora_params + self.lora_grads
+                + self.optimizer_state + self.checkpointed_inputs + max(self.layer_recompute, self.loss_chunk))
+
+    @property
+    def total(self) -> int:
+        return self.allocated + self.cuda_overhead
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """'all-linear', 'q_proj,v_proj' or a list of names -> the names, in layer order."""
+    if isinstance(targets, str):
+        targets = ALL_LINEARS if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in ALL_LINEARS]
+    if unknown or not targets:
+        raise UserError(f"--targets: unknown or empty {unknown or list(targets)}; use all-linear or names from "
+                        f"{', '.join(ALL_LINEARS)}")
+    return tuple(t for t in ALL_LINEARS if t in targets)
+
+
+def read_config(model: str | Path) -> tuple[dict[str, Any], Path]:
+    """config.json of a model folder, a config.json path, or a hub id already in the local cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise UserError(f"--model {model}: the folder has no config.json")
+    elif not path.is_file():
+        path = _config_from_hub_cache(str(model))
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--model {model}: cannot read {path} as JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--model {model}: {path} is not a JSON object")
+    return config, path
+
+
+def _config_from_hub_cache(model: str) -> Path:
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            return Path(cached)
+    raise UserError(f"--model {model}: no such folder or config.json, and no hub id of that name in the local "
+                    "cache; pass a model folder or its config.json")
+
+
+def shape_from_config(config: Mapping[str, Any], source: str = "config.json") -> ModelShape:
+    """The ModelShape of a LLaMA-family config.json dict; `source` names the file in errors."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{source}: model_type {model_type!r} is not supported by estimate; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+    def positive_int(key: str, default: int | None = None) -> int:
+        value = config.get(key)
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{source}: {key} must be a positive integer, got {config.get(key)!r}")
+        return value
+
+    hidden, heads = positive_int("hidden_size"), positive_int("num_attention_heads")
+    return ModelShape(
+        model_type=model_type,
+        hidden=hidden,
+        intermediate=positive_int("intermediate_size"),
+        layers=positive_int("num_hidden_layers"),
+        heads=heads,
+        kv_heads=positive_int("num_key_value_heads", heads),  # absent: plain multi-head attention
+        head_dim=positive_int("head_dim", hidden // heads),
+        vocab=positive_int("vocab_size"),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_positions=config.get("max_position_embeddings"),
+    )
+
+
+def _as_shape(model: ModelShape | Mapping[str, Any]) -> ModelShape:
+    return model if isinstance(model, ModelShape) else shape_from_config(model)
+
+
+# ------------------------------------------------------------------------------------------- the terms
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one weight after bnb quantize_4bit(nf4, blocksize 64, compress_statistics=True):
+    packed 4-bit weights + uint8 absmax per 64 + fp32 absmax per 256 absmax + code tables and offset."""
+    blocks = math.ceil(numel / NF4_BLOCKSIZE)
+    return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCKSIZE) + NF4_TABLE_BYTES
+
+
+def lora_tensor_sizes(shape: ModelShape, run: RunSettings) -> list[int]:
+    """numel of every LoRA tensor: A (r, in) and B (out, r) per targeted linear per layer."""
+    linears = shape.linear_shapes()
+    per_layer = [n for t in run.targets for n in (run.rank * linears[t][1], linears[t][0] * run.rank)]
+    return per_layer * shape.layers
+
+
+def optimizer_state_bytes(sizes: Sequence[int], optimizer: str) -> int:
+    """AdamW keeps two moments per parameter: fp32 (8 B/param), or in bitsandbytes 8-bit form uint8 + an
+    fp32 absmax per 256 values each, with tensors under 4096 elements left in fp32."""
+    if optimizer == "adamw":
+        return 8 * sum(sizes)
+    return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * (n + 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)) for n in sizes)
+
+
+def layer_saved_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
+    """Bytes per token that autograd saves when one LlamaDecoderLayer is recomputed for its backward."""
+    h, i, q, kv, a = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, DTYPE_BYTES[run.compute_dtype]
+    rms_norm = 4 * h + 2 * a * h  # fp32 upcast of the input, normalized x before * weight, the output
+    attention = (
+        rms_norm
+        + a * (q + 2 * kv)  # q, k, v projections (saved by RoPE and SDPA)
+        + 2 * a * (q + kv)  # RoPE: rotate_half(q|k) copies and the rotated q, k
+        + a * q + 4 * shape.heads  # SDPA (flash, no T x T): its output and fp32 logsumexp per head
+        + a * q  # the output transposed to (B, T, heads * head_dim), o_proj's input
+    )
+    mlp = rms_norm + 4 * a * i  # gate, up, silu(gate), silu(gate) * up (down_proj's input)
+    linears = shape.linear_shapes()
+    lora_inputs = sum(linears[t][1] for t in run.targets)
+    # each LoRALinear applies its own dropout: the dropped copy of its input + a bool mask
+    lora = (a + 1) * lora_inputs if run.lora_dropout > 0 else 0
+    lora += a * run.rank * len(run.targets)  # x @ A.T, saved for B's grad
+    return attention + mlp + lora
+
+
+def layer_backward_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
+    """Gradients alive at once inside a layer's backward: the incoming and outgoing (B, T, hidden) grads,
+    and three (B, T, intermediate) grads in the MLP (of silu(gate) * up, of silu(gate) and of up)."""
+    a = DTYPE_BYTES[run.compute_dtype]
+    return 2 * a * shape.hidden + 3 * a * shape.intermediate
+
+
+def dequantized_weight_bytes(shape: ModelShape, run: RunSettings) -> int:
+    """bnb dequantizes a 4-bit weight to the compute dtype for each matmul; the largest one, transiently."""
+    return DTYPE_BYTES[run.compute_dtype] * max(o * i for o, i in shape.linear_shapes().values())
+
+
+def loss_bytes(shape: ModelShape, run: RunSettings) -> int:
+    """Chunked cross-entropy: the final RMSNorm's saved tensors and the grad of the hidden states for all
+    N tokens, plus one chunk's (chunk, vocab) logits and their grad."""
+    a = DTYPE_BYTES[run.compute_dtype]
+    per_token = (4 * shape.hidden + 2 * a * shape.hidden) + a * shape.hidden
+    chunk = min(run.loss_chunk_size, run.tokens)
+    return run.tokens * per_token + chunk * shape.vocab * _loss_bytes_per_logit(a)
+
+
+# ------------------------------------------------------------------------------------------- estimate
+
+
+def estimate_memory(model: ModelShape | Mapping[str, Any], run: RunSettings | None = None) -> MemoryBreakdown:
+    """Peak GPU memory of training `model` (a ModelShape or a config.json dict) with `run`."""
+    shape, run = _as_shape(model), run or RunSettings()
+    a, n = DTYPE_BYTES[run.compute_dtype], run.tokens
+
+    quantized = shape.layers * sum(nf4_bytes(o * i) for o, i in shape.linear_shapes().values())
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)  # embed_tokens (+ lm_head)
+    norms = (2 * shape.layers + 1) * shape.hidden  # two RMSNorms per layer + the final one
+    lora_sizes = lora_tensor_sizes(shape, run)
+    lora_count = sum(lora_sizes)
+
+    # each layer's input (B, T, hidden) is kept, plus RoPE's cos and sin (B, T, head_dim) shared by all
+    checkpointed = n * (shape.layers * a * shape.hidden + 2 * a * shape.head_dim)
+    recompute = (n * (layer_saved_bytes_per_token(shape, run) + layer_backward_bytes_per_token(shape, run))
+                 + dequantized_weight_bytes(shape, run))
+
+    parts = dict(
+        quantized_weights=quantized,
+        dense_weights=a * (embeddings + norms),
+        lora_params=4 * lora_count,  # fp32 master weights
+        lora_grads=4 * lora_count,  # fp32
+        optimizer_state=optimizer_state_bytes(lora_sizes, run.optimizer),
+        checkpointed_inputs=checkpointed,
+        layer_recompute=recompute,
+        loss_chunk=loss_bytes(shape, run),
+    )
+    allocated = sum(v for k, v in parts.items() if k not in ("layer_recompute", "loss_chunk"))
+    allocated += max(parts["layer_recompute"], parts["loss_chunk"])
+    overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_OVERHEAD_FRACTION * allocated)
+    return MemoryBreakdown(**parts, cuda_overhead=overhead, lora_param_count=lora_count)
+
+
+def _largest_that_fits(fits, limit: int = 1 << 24) -> int:
+    """Largest x in [1, limit] with fits(x) (fits is monotone: true, then false), or 0 if none."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)  # fits(lo) is true; fits(hi) is false or hi is past the limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def max_seq_len_that_fits(gpu_gib: float, model: ModelShape | Mapping[str, Any], run: RunSettings | None = None) -> int:
+    """Longest seq_len (at run.batch_size) whose estimated total fits in gpu_gib GiB; 0 if none does."""
+    shape, run = _as_shape(model), run or RunSettings()
+    budget = gpu_gib * GIB
+    return _largest_that_fits(lambda t: estimate_memory(shape, dataclasses.replace(run, seq_len=t)).total <= budget)
+
+
+def max_batch_that_fits(gpu_gib: float, model: ModelShape | Mapping[str, Any], run: RunSettings | None = None) -> int:
+    """Largest batch_size (at run.seq_len) whose estimated total fits in gpu_gib GiB; 0 if none does."""
+    shape, run = _as_shape(model), run or RunSettings()
+    budget = gpu_gib * GIB
+    return _largest_that_fits(lambda b: estimate_memory(shape, dataclasses.replace(run, batch_size=b)).total <= budget)
+
+
+def format_table(b: MemoryBreakdown, shape: ModelShape, run: RunSettings) -> str:
+    """The breakdown as aligned GiB rows."""
+    rows = [
+        ("base linears, NF4 + double quant", b.quantized_weights),
+        (f"embeddings + lm_head + norms ({run.compute_dtype})", b.dense_weights),
+        (f"LoRA parameters (fp32, {b.lora_param_count / 1e6:.1f}M)", b.lora_params),
+        ("LoRA gradients (fp32)", b.lora_grads),
+        (f"optimizer state ({run.optimizer})", b.optimizer_state),
+        (f"activations: {shape.layers} checkpointed layer inputs", b.checkpointed_inputs),
+        ("activations: one layer recomputed *", b.layer_recompute),
+        (f"loss: final norm + {min(run.loss_chunk_size, run.tokens)}-token logits chunk *", b.loss_chunk),
+        ("CUDA context + allocator overhead", b.cuda_overhead),
+    ]
+    width = max(len(label) for label, _ in rows)
+    head = (f"{shape.model_type}: hidden {shape.hidden}, {shape.layers} layers, vocab {shape.vocab} | "
+            f"seq {run.seq_len} x batch {run.batch_size}, r {run.rank} on {len(run.targets)} linears/layer")
+    lines = [head, f"{'':{width}}   GiB"]
+    lines += [f"{label:<{width}} {value / GIB:6.2f}" for label, value in rows]
+    lines.append(f"{'total (peak)':<{width}} {b.total / GIB:6.2f}")
+    lines.append(f"* these two peak at different times; the total counts the larger")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def add_estimate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`qlora-trainer estimate ...`; its handler is run_estimate_command."""
+    d = RunSettings()
+    p = subparsers.add_parser("estimate", help="GPU memory a run needs, from config.json alone")
+    p.add_argument("--model", required=True, help="model folder, its config.json, or a hub id in the local cache")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA r")
+    p.add_argument("--targets", default="all-linear", help="all-linear or comma-separated names, e.g. q_proj,v_proj")
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--loss-chunk-size", type=int, default=d.loss_chunk_size)
+    p.add_argument("--dtype", default=d.compute_dtype, choices=list(DTYPE_BYTES), help="compute dtype")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--gpu-gib", type=float, default=80.0,
+                   help="GPU memory in GiB to fit (an 'H100 80GB' has about 79.1 GiB)")
+    p.set_defaults(func=run_estimate_command)
+    return p
+
+
+def run_estimate_command(args: argparse.Namespace) -> int:
+    if args.gpu_gib <= 0:
+        raise UserError(f"--gpu-gib must be positive, got {args.gpu_gib}")
+    config, path = read_config(args.model)
+    shape = shape_from_config(config, str(path))
+    run = RunSettings(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
+                      targets=args.targets, optimizer=args.optimizer, loss_chunk_size=args.loss_chunk_size,
+                      compute_dtype=args.dtype, lora_dropout=args.lora_dropout)
+    print(format_table(estimate_memory(shape, run), shape, run))
+    seq = max_seq_len_that_fits(args.gpu_gib, shape, run)
+    batch = max_batch_that_fits(args.gpu_gib, shape, run)
+    note = (f" (beyond the model's max_position_embeddings, {shape.max_positions:,})"
+            if isinstance(shape.max_positions, int) and seq > shape.max_positions else "")
+    print(f"fits in {args.gpu_gib:g} GiB: seq len up to {seq:,} at batch {run.batch_size}{note}; "
+          f"batch up to {batch:,} at seq len {run.seq_len:,}")
+    return 0
