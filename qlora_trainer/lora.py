@@ -141,7 +141,9 @@ def apply_lora(model: nn.Module, targets: str | list[str] = ALL_LINEAR, *, r: in
     model.requires_grad_(False)
     names = resolve_targets(model, targets)
     for name in names:
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
+        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        layer.train(model.training)  # a new module is in training mode; follow the model (dropout off in eval)
+        model.set_submodule(name, layer)
     return names
 
 

@@ -1,0 +1,566 @@
+"""Adapters in PEFT's layout, so PEFT, vLLM and TGI load what we train and we load what PEFT trains.
+
+    adapter/
+        adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ... (the keys PEFT writes)
+        adapter_model.safetensors   base_model.model.<module path>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32
+        qlora_trainer.json          ours: a fingerprint of the base the adapter was trained on, the compute dtype
+
+Our record lives in its own file, not in adapter_config.json: PEFT (0.21) does accept an unknown key there, but
+only through its forward-compatibility fallback, which warns "Unexpected keyword arguments ... upgrade PEFT"
+on every load; older PEFT releases without that fallback raise a TypeError instead. Loaders ignore other files.
+
+A folder is written into a temporary sibling, every file fsynced, then renamed into place: an adapter folder
+that exists is complete, and an older adapter at the same path survives any failure while writing.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from qlora_trainer import __version__
+from qlora_trainer.errors import UserError
+from qlora_trainer.lora import LoRALinear, apply_lora, linear_module_names, lora_modules, lora_scale
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+OURS_FILE = "qlora_trainer.json"
+PREFIX = "base_model.model."  # PEFT's path to the wrapped model: PeftModel.base_model (LoraModel).model
+FINGERPRINT_FORMAT = 1
+
+# Config fields that say which base this is: shapes, and what the layers compute. Not dtype, paths, versions,
+# max_position_embeddings (context-extended copies of a base are the same base) or generation settings.
+FINGERPRINT_FIELDS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "rms_norm_eps", "layer_norm_eps",
+    "rope_parameters", "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "sliding_window", "n_embd", "n_layer", "n_head", "n_inner", "activation_function", "layer_norm_epsilon",
+)
+
+
+@dataclass
+class Adapter:
+    config: dict  # the adapter_config.json content
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r)), fp32
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
+    extra: dict[str, torch.Tensor]  # modules_to_save tensors keyed by our parameter name; {} for a causal LM
+    fingerprint: dict | None = None  # the base it was trained on (qlora_trainer.json); None for PEFT's adapters
+    compute_dtype: str | None = None  # "bf16" | "fp16" | "fp32": what the base was cast to before NF4 (ours only)
+    path: Path | None = None
+
+    @property
+    def r(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def alpha(self) -> float:
+        return self.config["lora_alpha"]
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+
+def base_fingerprint(model_or_config: nn.Module | PretrainedConfig | str | os.PathLike) -> dict:
+    """What identifies a base for an adapter: architecture, the config fields that fix shapes and compute
+    (with a hash of them), and the (out, in) shape of every linear layer LoRA may wrap.
+
+    Takes a model (with or without LoRA applied), its config, or a model folder (built on the meta device)."""
+    if isinstance(model_or_config, nn.Module):
+        model, config = model_or_config, model_or_config.config
+    else:
+        config = model_or_config
+        if not isinstance(config, PretrainedConfig):
+            from qlora_trainer.loading import read_config, resolve_model_dir
+
+            config = read_config(resolve_model_dir(config))
+        from qlora_trainer.loading import build_empty_model
+
+        model = build_empty_model(copy.deepcopy(config))
+    raw = config.to_dict()
+    fields = {key: raw[key] for key in FINGERPRINT_FIELDS if key in raw}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return {
+        "format": FINGERPRINT_FORMAT,
+        "architecture": config.model_type,
+        "config": fields,
+        "config_hash": hashlib.sha256(canonical.encode()).hexdigest(),
+        "modules": {name: list(shape) for name, shape in _linear_shapes(model).items()},
+    }
+
+
+def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{module path: (out, in)} of every linear LoRA may wrap; a wrapped layer counts under its own path."""
+    shapes = {}
+    wrapped = lora_modules(model)
+    for name, layer in wrapped.items():
+        shapes[name] = (layer.out_features, layer.in_features)
+    for name in linear_module_names(model):
+        parent, _, last = name.rpartition(".")
+        if last == "base" and parent in wrapped:
+            continue
+        module = model.get_submodule(name)
+        if isinstance(module, Conv1D):
+            shapes[name] = (module.weight.shape[1], module.weight.shape[0])  # Conv1D stores (in, out)
+        else:
+            shapes[name] = (module.out_features, module.in_features)
+    return dict(sorted(shapes.items()))
+
+
+def check_base_fingerprint(adapter: Adapter, model_or_config) -> None:
+    """UserError if `adapter` (ours) was trained on a base other than `model_or_config` (a model, a config or a
+    model folder). Adapters without a fingerprint (PEFT's) pass: check their shapes instead."""
+    if adapter.fingerprint is None:
+        return
+    diffs = _fingerprint_differences(adapter.fingerprint, base_fingerprint(model_or_config))
+    if diffs:
+        where = adapter.path / OURS_FILE if adapter.path is not None else OURS_FILE
+        raise UserError(f"{where}: this adapter was trained on a different base model "
+                        f"({adapter.config.get('base_model_name_or_path')}): {'; '.join(diffs)}. "
+                        "Load it over the base it was trained on")
+
+
+def _fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between the base an adapter was trained on and this one ([] if the same)."""
+    diffs = []
+    if saved.get("architecture") != current["architecture"]:
+        diffs.append(f"architecture {saved.get('architecture')} (adapter) vs {current['architecture']} (this base)")
+    saved_config = saved.get("config", {})
+    if saved.get("config_hash") != current["config_hash"]:
+        # Compare field by field: a field only one side has is a transformers-version difference, not a
+        # different model.
+        for key in sorted(set(saved_config) & set(current["config"])):
+            if saved_config[key] != current["config"][key]:
+                diffs.append(f"{key}={saved_config[key]!r} (adapter) vs {current['config'][key]!r} (this base)")
+    saved_modules, modules = saved.get("modules", {}), current["modules"]
+    missing = [m for m in saved_modules if m not in modules]
+    if missing:
+        diffs.append(f"{len(missing)} linear layer(s) missing from this base, e.g. {missing[0]}")
+    for name, shape in saved_modules.items():
+        if name in modules and list(shape) != list(modules[name]):
+            diffs.append(f"{name} is {tuple(shape)} (out, in) in the adapter's base vs {tuple(modules[name])} here")
+            break
+    return diffs
+
+
+# ------------------------------------------------------------------------------------------ save
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str, r: int,
+                 alpha: float, dropout: float, use_rslora: bool = False, task_type: str = "CAUSAL_LM",
+                 fingerprint: dict | None = None, extra_config: dict | None = None) -> Path:
+    """Write the model's LoRA layers (and any modules_to_save named in extra_config) as a PEFT adapter folder.
+
+    `fingerprint` defaults to base_fingerprint(model). Returns the folder. An existing adapter at out_dir is
+    replaced only once the new one is complete."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save: call apply_lora first")
+    for name, layer in layers.items():
+        if (layer.r, layer.alpha, layer.use_rslora) != (r, alpha, use_rslora):
+            raise ValueError(f"{name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora}, "
+                             f"but save_adapter was given r={r}, alpha={alpha}, use_rslora={use_rslora}")
+    config = _peft_config(model, layers, base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha,
+                          dropout=dropout, use_rslora=use_rslora, task_type=task_type)
+    config.update(extra_config or {})
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = _to_saved(layer.lora_A)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = _to_saved(layer.lora_B)
+    for name, value in _modules_to_save_state(model, config.get("modules_to_save")).items():
+        tensors[PREFIX + name] = _to_saved(value)
+    ours = {"version": __version__, "compute_dtype": _compute_dtype_name(model),
+            "base_fingerprint": fingerprint if fingerprint is not None else base_fingerprint(model)}
+
+    def write(folder: Path) -> None:
+        safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        _write_json(folder / CONFIG_FILE, config)
+        _write_json(folder / OURS_FILE, ours)
+
+    return write_folder_atomically(Path(out_dir), write)
+
+
+def _peft_config(model: nn.Module, layers: dict[str, LoRALinear], *, base_model_name_or_path: str, r: int,
+                 alpha: float, dropout: float, use_rslora: bool, task_type: str) -> dict:
+    """adapter_config.json as peft.LoraConfig(...).save_pretrained writes it (peft 0.21), all keys at PEFT's
+    defaults except ours. peft_version is left out: PEFT fills it in on load, and we are not PEFT."""
+    return {
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        # PEFT sets this for GPT-2's Conv1D (weights stored (in, out)); A/B are (r, in) / (out, r) either way.
+        "fan_in_fan_out": any(isinstance(layer.base, Conv1D) for layer in layers.values()),
+        "inference_mode": True,  # what PeftModel.save_pretrained writes
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": dropout,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "qalora_group_size": 16,
+        "r": r,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": _target_modules(model, list(layers)),
+        "target_parameters": None,
+        "task_type": task_type,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": use_rslora,
+        "velora_config": None,
+    }
+
+
+def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """Short names ("q_proj") as PEFT writes them, sorted; a short name whose layers were only partly wrapped
+    is written as the full paths instead, so that PEFT wraps exactly the layers we trained."""
+    wrapped_set = set(wrapped)
+    candidates = set(_linear_shapes(model))
+    targets = []
+    for short in sorted({name.rsplit(".", 1)[-1] for name in wrapped}):
+        every = {n for n in candidates if n.rsplit(".", 1)[-1] == short}
+        if every <= wrapped_set:
+            targets.append(short)
+        else:
+            targets.extend(sorted(n for n in wrapped if n.rsplit(".", 1)[-1] == short))
+    return targets
+
+
+def _modules_to_save_state(model: nn.Module, modules_to_save: list[str] | None) -> dict[str, torch.Tensor]:
+    """{parameter name: tensor} of the fully trained modules (a classification head), as PEFT saves them."""
+    state = {}
+    for name, module in model.named_modules():
+        if name and _matches_any(name, modules_to_save or []):
+            for pname, param in module.named_parameters():
+                state[f"{name}.{pname}"] = param
+    return state
+
+
+def _compute_dtype_name(model: nn.Module) -> str | None:
+    """The dtype the base weights were cast to before NF4 (loading.py casts, then quantizes): merge needs it to
+    reproduce the quantized weights training saw."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+
+
+def _to_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ atomic folders
+
+def write_folder_atomically(final: Path, write) -> Path:
+    """Call write(tmp) on a fresh temporary sibling of `final`, fsync what it wrote, then put it in place of
+    `final`. On any failure the temporary folder is removed and an existing `final` is untouched."""
+    if final.exists() and not _replaceable(final):
+        raise UserError(f"{final}: exists and is not an adapter folder; refusing to replace it: "
+                        "choose another output path or remove it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", suffix=f"-{os.getpid()}", dir=final.parent))
+    try:
+        write(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        _put_in_place(tmp, final)
+        _fsync(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _replaceable(folder: Path) -> bool:
+    return folder.is_dir() and ((folder / CONFIG_FILE).is_file() or not any(folder.iterdir()))
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # A folder cannot be renamed over a non-empty folder. Swap the two atomically where the OS can
+    # (Linux renameat2 RENAME_EXCHANGE): `final` is always a complete adapter, old or new.
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now holds the old adapter
+        return
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    libc_name = ctypes.util.find_library("c")
+    try:
+        renameat2 = ctypes.CDLL(libc_name, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # not glibc >= 2.28
+        return False
+    ok = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return ok  # on failure (filesystem without RENAME_EXCHANGE) nothing moved: fall back
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ read
+
+def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
+    """Read and validate an adapter folder (ours or PEFT's). Any problem is a UserError naming the file."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "no such folder"
+        raise UserError(f"{folder}: {what}: point --adapter at an adapter folder "
+                        f"({CONFIG_FILE} + {WEIGHTS_FILE})")
+    config = _read_config(folder / CONFIG_FILE)
+    weights, extra = _read_weights(folder / WEIGHTS_FILE, config)
+    ours = _read_ours(folder / OURS_FILE)
+    return Adapter(config=config, weights=weights, scale=lora_scale(config["r"], config["lora_alpha"],
+                                                                    config["use_rslora"]),
+                   extra=extra, fingerprint=ours.get("base_fingerprint"), compute_dtype=ours.get("compute_dtype"),
+                   path=folder)
+
+
+def _read_json(file: Path, what: str) -> dict:
+    if not file.is_file():
+        raise UserError(f"{file}: missing: {what}")
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{file}: not valid JSON ({err}): the adapter is damaged; save or download it again") \
+            from None
+    if not isinstance(content, dict):
+        raise UserError(f"{file}: expected a JSON object, found {type(content).__name__}")
+    return content
+
+
+def _read_config(file: Path) -> dict:
+    config = _read_json(file, "not an adapter folder, or an incomplete copy of one")
+    bad = lambda key, why: UserError(f"{file}: {key} {why}")  # noqa: E731
+    if config.get("peft_type") != "LORA":
+        raise bad("peft_type", f"is {config.get('peft_type')!r}: only LoRA adapters (peft_type LORA) are supported")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise bad("r", f"is {r!r}: it must be a positive integer")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise bad("lora_alpha", f"is {alpha!r}: it must be a number")
+    config["use_rslora"] = bool(config.get("use_rslora", False))
+    dropout = config.setdefault("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise bad("lora_dropout", f"is {dropout!r}: it must be a number in [0, 1)")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets
+                                          and all(isinstance(t, str) for t in targets))):
+        raise bad("target_modules", f"is {targets!r}: expected a list of module names or a regex")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise bad("target_modules", f"is not a valid regex ({err})") from None
+    unsupported = {
+        "use_dora": config.get("use_dora"), "bias": config.get("bias", "none") != "none",
+        "lora_bias": config.get("lora_bias"), "rank_pattern": config.get("rank_pattern"),
+        "alpha_pattern": config.get("alpha_pattern"), "target_parameters": config.get("target_parameters"),
+        "trainable_token_indices": config.get("trainable_token_indices"),
+        "layer_replication": config.get("layer_replication"),
+    }
+    used = [key for key, value in unsupported.items() if value]
+    if used:
+        raise bad(", ".join(used), "is set: plain LoRA only (no DoRA, LoRA biases, per-module ranks or alphas, "
+                                   "parameter targets, trainable tokens or layer replication)")
+    return config
+
+
+def _read_weights(file: Path, config: dict) -> tuple[dict, dict]:
+    if not file.is_file():
+        raise UserError(f"{file}: missing: the adapter folder is incomplete (only safetensors weights are read; "
+                        "an adapter_model.bin pickle is not loaded because it can run code)")
+    tensors = {}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise UserError(f"{file}: not a readable safetensors file ({err}): it is truncated or corrupt; "
+                        "save or download the adapter again") from None
+
+    r, targets, to_save = config["r"], config["target_modules"], config.get("modules_to_save") or []
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    extra = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(PREFIX):
+            raise UserError(f"{file}: unexpected tensor {key!r}: PEFT adapter keys start with {PREFIX!r}")
+        name = key[len(PREFIX):]
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", name)
+        if match:
+            module, half = match.groups()
+            if not _matches_targets(module, targets):
+                raise UserError(f"{file}: has LoRA weights for {module}, which target_modules {targets} does not "
+                                f"name: the adapter's files do not belong together")
+            halves.setdefault(module, {})[half] = tensor
+        elif _matches_any(name.rpartition(".")[0], to_save):
+            extra[name] = tensor
+        else:
+            raise UserError(f"{file}: unexpected tensor {key!r}: neither a LoRA weight nor in modules_to_save "
+                            f"{to_save}")
+    if not halves:
+        raise UserError(f"{file}: holds no LoRA weights (*.lora_A.weight / *.lora_B.weight)")
+
+    weights = {}
+    for module in sorted(halves):
+        pair = halves[module]
+        for half in ("lora_A", "lora_B"):
+            if half not in pair:
+                raise UserError(f"{file}: {module} has no {half}.weight (key {PREFIX}{module}.{half}.weight): "
+                                "the file is incomplete")
+        A, B = (_checked(file, f"{PREFIX}{module}.{h}.weight", pair[h]) for h in ("lora_A", "lora_B"))
+        if A.shape[0] != r or B.shape[1] != r:
+            raise UserError(f"{file}: {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                            f"which is not rank r={r} from {CONFIG_FILE}: the config and the weights disagree")
+        weights[module] = (A, B)
+    if isinstance(targets, list):
+        for target in targets:
+            if not any(_matches_targets(m, [target]) for m in weights):
+                raise UserError(f"{file}: no LoRA weights for target module {target!r} named in {CONFIG_FILE}: "
+                                "the file is incomplete")
+    extra = {name: _checked(file, PREFIX + name, t, matrix=False) for name, t in sorted(extra.items())}
+    return weights, extra
+
+
+def _checked(file: Path, key: str, tensor: torch.Tensor, matrix: bool = True) -> torch.Tensor:
+    if matrix and tensor.dim() != 2:
+        raise UserError(f"{file}: {key} has shape {tuple(tensor.shape)}, expected a matrix")
+    if not tensor.is_floating_point():
+        raise UserError(f"{file}: {key} has dtype {tensor.dtype}, expected floating point")
+    tensor = tensor.to(torch.float32).contiguous()
+    if not torch.isfinite(tensor).all():
+        raise UserError(f"{file}: {key} holds NaN or inf values: the training that wrote it diverged")
+    return tensor
+
+
+def _read_ours(file: Path) -> dict:
+    if not file.exists():
+        return {}  # an adapter from PEFT or another tool
+    ours = _read_json(file, "")
+    fingerprint = ours.get("base_fingerprint")
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("modules", {}), dict) \
+            or not isinstance(fingerprint.get("config", {}), dict):
+        raise UserError(f"{file}: base_fingerprint is missing or malformed: delete {file.name} to load the adapter "
+                        "without checking its base")
+    if ours.get("compute_dtype") not in (None, "bf16", "fp16", "fp32"):
+        raise UserError(f"{file}: compute_dtype is {ours['compute_dtype']!r}: expected bf16, fp16 or fp32")
+    return ours
+
+
+def _matches_targets(module: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a regex must match the whole path; a list entry matches the path or its last parts."""
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return _matches_any(module, targets)
+
+
+def _matches_any(module: str, names: list[str]) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+# ------------------------------------------------------------------------------------------ load
+
+def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check_base: bool = True) -> Adapter:
+    """apply_lora with the adapter's r/alpha/dropout/targets on a model from load_quantized, and copy A/B in.
+
+    With check_base, an adapter of ours must have been trained on a base with the same fingerprint. Shapes are
+    checked always (an adapter from PEFT has no fingerprint); a mismatch names the module."""
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA layers: load the adapter into a fresh base model")
+    adapter = read_adapter(adapter_dir)
+    folder = Path(adapter_dir)
+    if check_base:
+        check_base_fingerprint(adapter, model)
+    _check_shapes(model, adapter, folder / WEIGHTS_FILE)
+    apply_lora(model, list(adapter.weights), r=adapter.r, alpha=adapter.alpha,
+               dropout=float(adapter.config["lora_dropout"]), use_rslora=adapter.use_rslora)
+    layers = lora_modules(model)
+    for layer in layers.values():
+        layer.train(model.training)  # new modules start in training mode: no dropout on an eval model
+    with torch.no_grad():
+        for name, (A, B) in adapter.weights.items():
+            layers[name].lora_A.copy_(A)
+            layers[name].lora_B.copy_(B)
+        for name, value in adapter.extra.items():
+            model.get_parameter(name).copy_(value)
+    return adapter
+
+
+def _check_shapes(model: nn.Module, adapter: Adapter, file: Path) -> None:
+    shapes = _linear_shapes(model)
+    for name, (A, B) in adapter.weights.items():
+        if name not in shapes:
+            raise UserError(f"{file}: has LoRA weights for {name}, which this base model has no linear layer "
+                            f"called: the adapter was made for a different model")
+        out_f, in_f = shapes[name]
+        if A.shape[1] != in_f or B.shape[0] != out_f:
+            raise UserError(f"{file}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this "
+                            f"base's {name} is (out={out_f}, in={in_f}): the adapter was made for a different model")
+    config = adapter.config
+    if not (config.get("exclude_modules") or config.get("layers_to_transform")):
+        # What PEFT would wrap on this base must all have weights (PEFT itself would leave them at B = 0).
+        missing = [n for n in shapes if _matches_targets(n, config["target_modules"]) and n not in adapter.weights]
+        if missing:
+            raise UserError(f"{file}: no LoRA weights for {missing[0]} ({len(missing)} module(s) in all), which "
+                            f"target_modules {config['target_modules']} names on this base: the file is incomplete "
+                            "or the adapter was made for a different model")
+    params = dict(model.named_parameters())
+    for name, value in adapter.extra.items():
+        if name not in params or params[name].shape != value.shape:
+            have = tuple(params[name].shape) if name in params else "nothing"
+            raise UserError(f"{file}: {PREFIX}{name} has shape {tuple(value.shape)}, but this model has {have} "
+                            "there: was it loaded with the same task and num_labels?")
