@@ -1,0 +1,175 @@
+"""Training checkpoints that are either complete or absent, and the exact state needed to resume.
+
+    checkpoints/step-000200/
+        adapter_config.json, adapter_model.safetensors   the adapter (PEFT layout, loadable on its own)
+        optimizer.pt                                       optimizer state, tensors only (torch.load weights_only)
+        trainer_state.json                                 step, RNG states, counters, sha256 of every file above
+
+A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into place and
+the parent folder fsynced: a folder named step-NNNNNN exists only once it is whole. On resume we trust a
+folder only if every checksum matches; otherwise we say so and fall back to the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qlora_trainer.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+PREFIX = "step-"
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """fsync every file in `tmp`, then atomically rename it to `final` (replacing an older `final`)."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            fsync_file(file)
+    fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def temp_sibling(final: Path) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ RNG states
+
+def rng_state() -> dict:
+    """Every random source training touches, as JSON (no pickles: torch.load(weights_only) refuses numpy's)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# ------------------------------------------------------------------------------------------ write / read
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"{PREFIX}{step:06d}"
+
+
+def save_checkpoint(out: Path, step: int, write_adapter: Callable[[Path], None], optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep` complete ones."""
+    final = checkpoint_dir(out, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        write_adapter(tmp)  # creates tmp/ with adapter_config.json + adapter_model.safetensors
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        state = {**state, "step": step, "checksums": {name: sha256(tmp / name) for name in files}}
+        (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        publish_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(final.parent, keep)
+    return final
+
+
+def _prune(folder: Path, keep: int) -> None:
+    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".tmp-*"):  # left by a run killed mid-write
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """The trainer state of a complete, uncorrupted checkpoint; UserError naming the bad file otherwise."""
+    state_file = folder / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        checksums = state["checksums"]
+        step = int(state["step"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{state_file}: unreadable trainer state ({err!r})") from None
+    if step != int(folder.name.removeprefix(PREFIX)):
+        raise UserError(f"{state_file}: says step {step} but lives in {folder.name}")
+    for name, digest in checksums.items():
+        file = folder / name
+        if not file.is_file():
+            raise UserError(f"{file}: missing from the checkpoint")
+        if sha256(file) != digest:
+            raise UserError(f"{file}: checksum mismatch (the file is corrupt or was changed)")
+    return state
+
+
+def latest_checkpoint(out: Path, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
+    folder = Path(out) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    for candidate in sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True):
+        try:
+            return candidate, verify_checkpoint(candidate)
+        except UserError as err:
+            warn(f"skipping checkpoint {candidate.name}: {err}; falling back to the previous one")
+    return None
+
+
+def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    path = folder / OPTIMIZER_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing runs
+        optimizer.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+        raise UserError(f"{path}: cannot restore the optimizer state ({err})") from None

@@ -1,0 +1,205 @@
+"""The training loop on the shipped tiny model: exact resume, the NaN guard, schedules, and learning."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from qlora_trainer import checkpoint as ckpt
+from qlora_trainer import train as train_mod
+from qlora_trainer.config import build_config
+from qlora_trainer.data import collate
+from qlora_trainer.errors import UserError
+from qlora_trainer.loading import load_quantized
+from qlora_trainer.lora import apply_lora, lora_state_dict
+from qlora_trainer.loss import CausalLMLoss
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = REPO / "assets" / "tiny-llama"
+DEMO = REPO / "data" / "demo"
+
+
+def _small_eval_set() -> Path:
+    """The first 12 held-out rows: evaluation on all 100 would dominate these short runs."""
+    path = Path(tempfile.gettempdir()) / "qlora-trainer-test-eval.jsonl"
+    if not path.exists():
+        path.write_text("\n".join((DEMO / "eval.jsonl").read_text().splitlines()[:12]) + "\n")
+    return path
+
+
+def _config(out: Path, **train_overrides):
+    flat = {"model.path": str(TINY_MODEL), "model.compute_dtype": "fp32", "data.path": str(DEMO / "train.jsonl"),
+            "data.format": "chat", "data.eval_path": str(_small_eval_set()), "data.max_seq_len": 64,
+            "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.1, "train.optimizer": "adamw", "train.batch_size": 4,
+            "train.grad_accum": 2, "train.lr": 2e-3, "train.warmup_steps": 2, "train.schedule": "cosine",
+            "train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.log_every": 1, "out": str(out)}
+    flat.update({f"train.{k}" if "." not in k else k: v for k, v in train_overrides.items()})
+    return build_config(flat)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch):
+    straight = train_mod.train(_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
+    assert straight.steps == 6
+
+    real_save = ckpt.save_checkpoint
+
+    def save_then_die(out, step, *args, **kwargs):
+        path = real_save(out, step, *args, **kwargs)
+        if step == 3:
+            raise _Stop  # the process "dies" right after its step-3 checkpoint
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(_Stop):
+        train_mod.train(_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert not (tmp_path / "resumed" / "adapter").exists()
+    resumed_cfg = _config(tmp_path / "resumed")
+    resumed_cfg.resume = True
+    logs = []
+    train_mod.train(resumed_cfg, progress=False, log=logs.append)
+    assert any("resumed from" in line and "step-000003" in line for line in logs)
+
+    a, b = _adapter_tensors(tmp_path / "straight" / "adapter"), _adapter_tensors(tmp_path / "resumed" / "adapter")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # nothing logged twice, nothing missing
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
+    cfg = _config(tmp_path / "run", max_steps=4, save_every=2, keep_checkpoints=3)
+    train_mod.train(cfg, progress=False, log=lambda *_: None)
+    newest = ckpt.checkpoint_dir(tmp_path / "run", 4)
+    blob = bytearray((newest / "adapter_model.safetensors").read_bytes())
+    blob[-3] ^= 0xFF  # flip bits in a weight
+    (newest / "adapter_model.safetensors").write_bytes(bytes(blob))
+    messages = []
+    found = ckpt.latest_checkpoint(tmp_path / "run", warn=messages.append)
+    assert found is not None and found[0].name == "step-000002"
+    assert "step-000004" in messages[0] and "checksum mismatch" in messages[0]
+
+
+def test_loss_goes_down_and_outputs_land(tmp_path):
+    """Eight examples seen again and again: the adapter must fit them."""
+    rows = (DEMO / "train.jsonl").read_text().splitlines()[:8]
+    (tmp_path / "small.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = _config(tmp_path / "run", max_steps=30, eval_every=15, save_every=15, lr=5e-3, grad_accum=1,
+                  **{"data.path": str(tmp_path / "small.jsonl"), "data.eval_path": str(tmp_path / "small.jsonl"),
+                     "lora.dropout": 0.0})
+    result = train_mod.train(cfg, progress=False, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mem_gb"}
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert result.skipped_steps == 0
+
+
+def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    real_forward = CausalLMLoss.forward
+    calls = {"n": 0}
+    poisoned = {3}  # micro-batch calls (2 per step) that return NaN: step 2's first micro-batch
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        summed, n = real_forward(self, *args, **kwargs)
+        return (summed * float("nan") if calls["n"] in poisoned else summed), n
+
+    monkeypatch.setattr(CausalLMLoss, "forward", forward)
+    logs = []
+    result = train_mod.train(_config(tmp_path / "run", max_steps=4, save_every=4), progress=False, log=logs.append)
+    assert result.skipped_steps == 1
+    assert any("step 2: non-finite" in line for line in logs)
+    adapter = _adapter_tensors(tmp_path / "run" / "adapter")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+    poisoned.update(range(1, 1000))  # every step from now on
+    calls["n"] = 0
+    with pytest.raises(UserError, match=r"3 steps in a row had a NaN/inf.*step-000003"):
+        train_mod.train(_config(tmp_path / "run2", max_steps=10, max_bad_steps=3), progress=False,
+                        log=lambda *_: None)
+    saved = _adapter_tensors(ckpt.checkpoint_dir(tmp_path / "run2", 3))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+@pytest.mark.parametrize("schedule,reference", [("cosine", get_cosine_schedule_with_warmup),
+                                                ("linear", get_linear_schedule_with_warmup)])
+def test_lr_schedule_matches_transformers(schedule, reference, tmp_path):
+    cfg = _config(tmp_path, max_steps=50, warmup_steps=5, schedule=schedule, lr=1e-3).train
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = reference(opt, num_warmup_steps=5, num_training_steps=50)
+    for step in range(50):
+        if step > 0:  # transformers' warmup starts at 0; ours starts at lr/warmup so step 0 is not wasted
+            assert math.isclose(train_mod.lr_at(step, cfg), sched.get_last_lr()[0] * (1 if step >= 5 else
+                                (step + 1) / step), rel_tol=1e-9, abs_tol=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_every_epoch_visits_each_example_once():
+    n, batch, accum = 10, 3, 2
+    seen = [i for step in range(10) for mb in train_mod.batch_indices(step, n, batch, accum, seed=7) for i in mb]
+    assert len(seen) == 60
+    for epoch in range(6):
+        assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert seen[:n] != seen[n:2 * n]  # a new order each epoch
+    assert train_mod.batch_indices(4, n, batch, accum, seed=7) == train_mod.batch_indices(4, n, batch, accum, seed=7)
+
+
+def test_gradient_accumulation_weights_every_token_equally(tmp_path):
+    """Two micro-batches of different lengths give the gradient of one batch holding both."""
+    from accelerate import Accelerator
+
+    from qlora_trainer.data import build_datasets, load_tokenizer
+
+    cfg = _config(tmp_path)
+    tokenizer = load_tokenizer(cfg)
+    examples, _, _ = build_datasets(cfg.data, tokenizer)
+    short, long_ = examples[0], max(examples[:50], key=lambda e: len(e["input_ids"]))
+    grads = []
+    for micro in ([collate([short], 2), collate([long_], 2)], [collate([short, long_], 2)]):
+        model = load_quantized(TINY_MODEL, compute_dtype="fp32", device="cpu", progress=False)
+        torch.manual_seed(0)
+        apply_lora(model, "all-linear", r=4, alpha=8)
+        for p in lora_state_dict(model).values():
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 would leave A without a gradient
+        model.train()
+        params = list(lora_state_dict(model).values())
+        opt = torch.optim.SGD(params, lr=0.0)
+        captured = {}
+        opt.step = lambda: captured.update({i: p.grad.clone() for i, p in enumerate(params)})
+        train_mod.train_step(CausalLMLoss(model), micro, opt, params, 0.0, 1e9, Accelerator(cpu=True))
+        grads.append(captured)
+    for i in grads[0]:
+        torch.testing.assert_close(grads[0][i], grads[1][i], rtol=1e-4, atol=1e-7)
+
+
+def test_output_folder_errors(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        train_mod.train(_config(tmp_path / "file"), progress=False)
+    (tmp_path / "old" / "checkpoints" / "step-000001").mkdir(parents=True)
+    with pytest.raises(UserError, match="resume=true"):
+        train_mod.train(_config(tmp_path / "old"), progress=False)
