@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     from qlora_trainer.estimate import add_estimate_parser
 
     add_estimate_parser(sub)
+    from qlora_trainer.merge import add_merge_parser
+    from qlora_trainer.generate import add_generate_parser
+
+    add_merge_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 
