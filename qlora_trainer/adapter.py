@@ -16,15 +16,11 @@ that exists is complete, and an older adapter at the same path survives any fail
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer import __version__
+from qlora_trainer import __version__, atomic
 from qlora_trainer.errors import UserError
 from qlora_trainer.lora import LoRALinear, apply_lora, linear_module_names, lora_modules, lora_scale
 
@@ -164,13 +160,22 @@ def _fingerprint_differences(saved: dict, current: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ save
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str, r: int,
-                 alpha: float, dropout: float, use_rslora: bool = False, task_type: str = "CAUSAL_LM",
-                 fingerprint: dict | None = None, extra_config: dict | None = None) -> Path:
-    """Write the model's LoRA layers (and any modules_to_save named in extra_config) as a PEFT adapter folder.
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, **settings) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter folder, atomically (see write_adapter_files for the
+    settings). An existing adapter at out_dir is replaced only once the new one is complete."""
+    final = Path(out_dir)
+    if final.exists() and not _replaceable(final):
+        raise UserError(f"{final}: exists and is not an adapter folder; refusing to replace it: "
+                        "choose another output path or remove it")
+    return atomic.write_folder(final, lambda folder: write_adapter_files(model, folder, **settings))
 
-    `fingerprint` defaults to base_fingerprint(model). Returns the folder. An existing adapter at out_dir is
-    replaced only once the new one is complete."""
+
+def write_adapter_files(model: nn.Module, folder: Path, *, base_model_name_or_path: str, r: int, alpha: float,
+                        dropout: float, use_rslora: bool = False, task_type: str = "CAUSAL_LM",
+                        fingerprint: dict | None = None, extra_config: dict | None = None) -> None:
+    """The model's LoRA layers (and any modules_to_save named in extra_config) as adapter_config.json,
+    adapter_model.safetensors and qlora_trainer.json in an existing folder. `fingerprint` defaults to
+    base_fingerprint(model)."""
     layers = lora_modules(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save: call apply_lora first")
@@ -189,13 +194,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
         tensors[PREFIX + name] = _to_saved(value)
     ours = {"version": __version__, "compute_dtype": _compute_dtype_name(model),
             "base_fingerprint": fingerprint if fingerprint is not None else base_fingerprint(model)}
-
-    def write(folder: Path) -> None:
-        safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_json(folder / CONFIG_FILE, config)
-        _write_json(folder / OURS_FILE, ours)
-
-    return write_folder_atomically(Path(out_dir), write)
+    safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    _write_json(folder / CONFIG_FILE, config)
+    _write_json(folder / OURS_FILE, ours)
 
 
 def _peft_config(model: nn.Module, layers: dict[str, LoRALinear], *, base_model_name_or_path: str, r: int,
@@ -289,66 +290,8 @@ def _write_json(path: Path, content: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ atomic folders
 
-def write_folder_atomically(final: Path, write) -> Path:
-    """Call write(tmp) on a fresh temporary sibling of `final`, fsync what it wrote, then put it in place of
-    `final`. On any failure the temporary folder is removed and an existing `final` is untouched."""
-    if final.exists() and not _replaceable(final):
-        raise UserError(f"{final}: exists and is not an adapter folder; refusing to replace it: "
-                        "choose another output path or remove it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", suffix=f"-{os.getpid()}", dir=final.parent))
-    try:
-        write(tmp)
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        _put_in_place(tmp, final)
-        _fsync(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def _replaceable(folder: Path) -> bool:
     return folder.is_dir() and ((folder / CONFIG_FILE).is_file() or not any(folder.iterdir()))
-
-
-def _put_in_place(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    # A folder cannot be renamed over a non-empty folder. Swap the two atomically where the OS can
-    # (Linux renameat2 RENAME_EXCHANGE): `final` is always a complete adapter, old or new.
-    if _exchange(tmp, final):
-        shutil.rmtree(tmp)  # now holds the old adapter
-        return
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    libc_name = ctypes.util.find_library("c")
-    try:
-        renameat2 = ctypes.CDLL(libc_name, use_errno=True).renameat2
-    except (OSError, AttributeError, TypeError):  # not glibc >= 2.28
-        return False
-    ok = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
-    return ok  # on failure (filesystem without RENAME_EXCHANGE) nothing moved: fall back
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ read

@@ -5,8 +5,7 @@
         optimizer.pt                                       optimizer state, tensors only (torch.load weights_only)
         trainer_state.json                                 step, RNG states, counters, sha256 of every file above
 
-A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into place and
-the parent folder fsynced: a folder named step-NNNNNN exists only once it is whole. On resume we trust a
+A checkpoint is written through atomic.write_folder: a folder named step-NNNNNN exists only once it is whole. On resume we trust a
 folder only if every checksum matches; otherwise we say so and fall back to the previous one.
 """
 
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -23,47 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlora_trainer import atomic
 from qlora_trainer.errors import UserError
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 PREFIX = "step-"
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_folder(tmp: Path, final: Path) -> None:
-    """fsync every file in `tmp`, then atomically rename it to `final` (replacing an older `final`)."""
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            fsync_file(file)
-    fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def temp_sibling(final: Path) -> Path:
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
 
 
 def sha256(path: Path) -> str:
@@ -108,18 +71,16 @@ def save_checkpoint(out: Path, step: int, write_adapter: Callable[[Path], None],
                     state: dict, keep: int) -> Path:
     """Write checkpoints/step-NNNNNN atomically, then delete all but the newest `keep` complete ones."""
     final = checkpoint_dir(out, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(final)
-    try:
-        write_adapter(tmp)  # creates tmp/ with adapter_config.json + adapter_model.safetensors
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        state = {**state, "step": step, "checksums": {name: sha256(tmp / name) for name in files}}
-        (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-        publish_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(folder: Path) -> None:
+        write_adapter(folder)  # adapter_config.json + adapter_model.safetensors (+ qlora_trainer.json)
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        checksums = {name: sha256(folder / name) for name in files}
+        (folder / STATE_FILE).write_text(json.dumps({**state, "step": step, "checksums": checksums}),
+                                         encoding="utf-8")
+
+    atomic.write_folder(final, write)
     _prune(final.parent, keep)
     return final
 
@@ -128,8 +89,8 @@ def _prune(folder: Path, keep: int) -> None:
     steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in folder.glob(".tmp-*"):  # left by a run killed mid-write
-        if not stale.name.endswith(f"-{os.getpid()}"):
+    for stale in folder.iterdir():  # left by a run killed mid-write
+        if atomic.is_stale_temp(stale):
             shutil.rmtree(stale, ignore_errors=True)
 
 

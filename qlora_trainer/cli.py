@@ -47,20 +47,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="load a model folder as NF4 and print its layers and memory")
     p.add_argument("model", help="Hugging Face model folder (config.json + *.safetensors)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.set_defaults(func=_cmd_summary)
 
-    from qlora_trainer.estimate import add_estimate_parser
+    _add_merge_parser(sub)
+    _add_generate_parser(sub)
+
+    from qlora_trainer.estimate import add_estimate_parser  # plain Python, no torch: cheap to import
 
     add_estimate_parser(sub)
-    from qlora_trainer.merge import add_merge_parser
-    from qlora_trainer.generate import add_generate_parser
-
-    add_merge_parser(sub)
-    add_generate_parser(sub)
     return parser
+
+
+DTYPE_CHOICES = ["bf16", "fp16", "fp32"]
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from qlora_trainer.merge import run_merge_command
+
+    return run_merge_command(args)
+
+
+def _add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a standard model folder",
+                       description="Stream the base checkpoint shard by shard, add scale * B @ A to each "
+                                   "LoRA target, and write a folder plain transformers loads.")
+    p.add_argument("--base", required=True, help="the full-precision base model folder the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="output dtype (default: the checkpoint's own dtype)")
+    p.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+                   help="dequantized: add to the NF4-rounded weights training saw (default); "
+                        "original: add to the unquantized weights")
+    p.add_argument("--compute-dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype weights were cast to before NF4 in training (default: recorded with the adapter, "
+                        "else bf16; CPU training uses fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits of quantized base + adapter and the merged model on a few prompts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from qlora_trainer.generate import run_generate_command
+
+    return run_generate_command(args)
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with an adapter on the quantized base",
+                       description="Load the base as NF4, apply the adapter, render the prompt with the "
+                                   "tokenizer's chat template (when it has one) and stream the reply.")
+    p.add_argument("--base", required=True, help="base model folder (or a hub id already in the local cache)")
+    p.add_argument("--adapter", default=None, help="adapter folder (default: the base alone)")
+    p.add_argument("--prompt", default=None, help="the user message (with --chat: a system message)")
+    p.add_argument("--chat", action="store_true", help="interactive: one user message per stdin line; an empty "
+                                                       "line or EOF ends it")
+    p.add_argument("--no-chat-template", action="store_true", help="feed --prompt as plain text, no chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.set_defaults(func=_cmd_generate)
 
 
 def main(argv: list[str] | None = None) -> int:

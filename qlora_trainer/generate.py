@@ -155,7 +155,8 @@ def _print(text: str) -> None:
     sys.stdout.flush()
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def run_generate_command(args: argparse.Namespace) -> int:
+    """`qlora-trainer generate` (flags in cli.py)."""
     if args.prompt is None and not args.chat:
         raise UserError("give --prompt TEXT, or --chat for an interactive conversation")
     model, tokenizer = load_for_generation(args.base, args.adapter, compute_dtype=args.dtype, device=args.device)
@@ -180,24 +181,3 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _print("\n")
         messages.append({"role": "assistant", "content": reply})
         options["seed"] = None if args.seed is None else args.seed + len(messages)  # fresh samples each turn
-
-
-def add_generate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("generate", help="generate text with an adapter on the quantized base",
-                              description="Load the base as NF4, apply the adapter, render the prompt with the "
-                                          "tokenizer's chat template (when it has one) and stream the reply.")
-    p.add_argument("--base", required=True, help="base model folder (or a hub id already in the local cache)")
-    p.add_argument("--adapter", default=None, help="adapter folder (default: the base alone)")
-    p.add_argument("--prompt", default=None, help="the user message (with --chat: a system message)")
-    p.add_argument("--chat", action="store_true", help="interactive: one user message per stdin line; an empty "
-                                                       "line or EOF ends it")
-    p.add_argument("--no-chat-template", action="store_true", help="feed --prompt as plain text, no chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype (default: bf16 on GPU, "
-                                                                        "fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.set_defaults(func=_cmd_generate)
-    return p

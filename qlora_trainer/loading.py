@@ -230,7 +230,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, swapped: dict[
         module._buffers[attr] = value.to(device=device)
 
 
-def _expected_shapes(model: nn.Module, swapped: dict[str, str]) -> dict[str, torch.Size]:
+def expected_shapes(model: nn.Module, swapped: dict[str, str]) -> dict[str, torch.Size]:
     """Checkpoint shape of every parameter (a 4-bit linear's meta weight is already packed: use the
     original layer's shape instead)."""
     shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
@@ -241,7 +241,7 @@ def _expected_shapes(model: nn.Module, swapped: dict[str, str]) -> dict[str, tor
     return shapes
 
 
-def _checkpoint_key_to_param(key: str, expected: dict[str, torch.Size], prefix: str) -> str | None:
+def checkpoint_key_to_param(key: str, expected: dict[str, torch.Size], prefix: str) -> str | None:
     """Checkpoint names usually equal ours; some are saved from the bare base model (no prefix) or with it."""
     if key in expected:
         return key
@@ -263,13 +263,13 @@ def _ignorable(model: nn.Module, key: str) -> bool:
 def fill_from_checkpoint(model: nn.Module, swapped: dict[str, str], model_dir: Path, device: torch.device,
                          compute_dtype: torch.dtype, progress: bool = True) -> None:
     files = checkpoint_files(model_dir)
-    expected = _expected_shapes(model, swapped)
+    expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
     loaded: set[str] = set()
     bar = tqdm(total=len(files), desc="loading NF4", unit="tensor", disable=not progress, leave=False)
     for key, tensor, file in stream_tensors(files, device):
         bar.update(1)
-        name = _checkpoint_key_to_param(key, expected, prefix)
+        name = checkpoint_key_to_param(key, expected, prefix)
         if name is None:
             if _ignorable(model, key):
                 continue
@@ -281,12 +281,12 @@ def fill_from_checkpoint(model: nn.Module, swapped: dict[str, str], model_dir: P
         _set_tensor(model, name, tensor, swapped, device, compute_dtype)
         loaded.add(name)
         del tensor
-        _return_freed_memory_to_os()
+        return_freed_memory_to_os()
     bar.close()
     _tie_and_check_missing(model, expected, loaded, model_dir)
 
 
-def _return_freed_memory_to_os() -> None:
+def return_freed_memory_to_os() -> None:
     """glibc keeps freed blocks for reuse; after each streamed tensor the heap is full of holes the size of a
     weight, and resident memory creeps up by a large fraction of the model. malloc_trim hands them back."""
     if _LIBC is not None:
@@ -357,9 +357,9 @@ def _init_new_head(model: nn.Module, model_dir: Path, swapped: dict[str, str], d
                    device: torch.device) -> None:
     """A classification head that a causal checkpoint lacks starts as transformers initialises it
     (normal, std = initializer_range); it is trained in full beside LoRA."""
-    expected = _expected_shapes(model, swapped)
+    expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
-    present = {_checkpoint_key_to_param(key, expected, prefix) for key in checkpoint_files(model_dir)}
+    present = {checkpoint_key_to_param(key, expected, prefix) for key in checkpoint_files(model_dir)}
     new = {name for name in expected if name not in present and name.rpartition(".")[0] not in swapped}
     std = getattr(model.config, "initializer_range", 0.02)
     for name in sorted(new):
@@ -389,7 +389,7 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
     dtype = resolve_dtype(compute_dtype, device)
     model = build_empty_model(config, compute_dtype=dtype)
     swapped = swap_in_nf4_linears(model, dtype)
-    shapes = _expected_shapes(model, swapped)
+    shapes = expected_shapes(model, swapped)
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     for name in tqdm(list(shapes), desc="random NF4", unit="tensor", disable=not progress, leave=False):

@@ -26,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +33,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from qlora_trainer import quant
-from qlora_trainer.adapter import Adapter, base_fingerprint, load_adapter_into, read_adapter
+from qlora_trainer import atomic, quant
+from qlora_trainer.adapter import Adapter, check_base_fingerprint, load_adapter_into, read_adapter
 from qlora_trainer.errors import UserError
-from qlora_trainer.loading import (DTYPES, _checkpoint_key_to_param, _expected_shapes, _return_freed_memory_to_os,
+from qlora_trainer.loading import (DTYPES, checkpoint_key_to_param, expected_shapes, return_freed_memory_to_os,
                                    build_empty_model, checkpoint_files, read_config, resolve_model_dir,
                                    stream_tensors, swap_in_nf4_linears)
 
@@ -149,10 +148,10 @@ def _header_entries(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], 
 def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch.dtype | None,
           compute_dtype: torch.dtype) -> tuple[list[_Entry], object]:
     config = read_config(model_dir)
-    _check_fingerprint(adapter, adapter_dir, config)
+    check_base_fingerprint(adapter, copy.deepcopy(config))
     model = build_empty_model(config, compute_dtype=compute_dtype)  # meta: shapes and module types only
     swapped = swap_in_nf4_linears(model, compute_dtype)
-    expected = _expected_shapes(model, swapped)
+    expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
     files = checkpoint_files(model_dir)
     headers = _header_entries(files)
@@ -163,7 +162,7 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
         by_file.setdefault(file, []).append(key)
     for key, file in ((k, f) for f, keys in by_file.items() for k in keys):
         shape, dtype = headers[key]
-        param = _checkpoint_key_to_param(key, expected, prefix)
+        param = checkpoint_key_to_param(key, expected, prefix)
         target = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
         entry = _Entry(key, file, shape, target, param)
         entries.append(entry)
@@ -203,19 +202,6 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
         else:
             entries.append(_Entry(param, None, tuple(tensor.shape), tensor_dtype, param))
     return entries, config
-
-
-def _check_fingerprint(adapter: Adapter, adapter_dir: Path, config) -> None:
-    """An adapter of ours records the base it was trained on; one from PEFT does not (shapes are checked anyway)."""
-    from qlora_trainer.adapter import OURS_FILE, _fingerprint_differences
-
-    if adapter.fingerprint is None:
-        return
-    diffs = _fingerprint_differences(adapter.fingerprint, base_fingerprint(copy.deepcopy(config)))
-    if diffs:
-        raise UserError(f"{adapter_dir / OURS_FILE}: this adapter was trained on a different base model "
-                        f"({adapter.config.get('base_model_name_or_path')}): {'; '.join(diffs)}. "
-                        "Merge it into the base it was trained on")
 
 
 def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -293,7 +279,7 @@ def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: to
                                 "the adapter or the checkpoint is corrupt")
         yield entry, tensor.to(entry.out_dtype)
         del tensor
-        _return_freed_memory_to_os()
+        return_freed_memory_to_os()
         bar.update(1)
     bar.close()
 
@@ -330,14 +316,6 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out.parent}: parent folder of --out does not exist")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------- public entry points
 
 def _resolve_dtype(name: str | torch.dtype | None, flag: str) -> torch.dtype | None:
@@ -349,11 +327,10 @@ def _resolve_dtype(name: str | torch.dtype | None, flag: str) -> torch.dtype | N
 
 
 def adapter_compute_dtype(adapter: Adapter, adapter_dir: Path) -> str:
-    """The compute dtype the adapter was trained with: recorded in its config, or `model.compute_dtype` of the
+    """The compute dtype the adapter was trained with: recorded with it (ours), or `model.compute_dtype` of the
     run's config.yaml (runs/x/adapter, runs/x/checkpoints/step-N); else bf16, the GPU default."""
-    for holder in (adapter.config, adapter.config.get("qlora_trainer") or {}):
-        if isinstance(holder, dict) and holder.get("compute_dtype") in DTYPES:
-            return holder["compute_dtype"]
+    if adapter.compute_dtype in DTYPES:  # recorded by save_adapter in qlora_trainer.json
+        return adapter.compute_dtype
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent.parent):
         if (run_dir / "config.yaml").is_file():
             import yaml
@@ -398,8 +375,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     entries, _ = _plan(model_dir, adapter_obj, adapter_dir, out_dtype, compute)
     shards = _layout(entries, parse_size(max_shard_size))
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         merged = _merged_tensors(entries, adapter_obj, into, compute, progress)
         weight_map = {}
         for i, shard in enumerate(shards):
@@ -420,17 +396,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _write_config(model_dir, tmp, out_dtype)
         _copy_side_files(model_dir, tmp, adapter_dir)
-        for f in tmp.rglob("*"):
-            if f.is_file() and not f.name.endswith(".safetensors"):
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic.write_folder(out, write)  # an existing `out` is empty (checked above)
     return out
 
 
@@ -483,7 +450,8 @@ def _verify_prompts(model_dir: Path, vocab_size: int, texts: list[str] | None) -
 
 # ---------------------------------------------------------------------------------------- CLI
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+def run_merge_command(args: argparse.Namespace) -> int:
+    """`qlora-trainer merge` (flags in cli.py)."""
     out = merge(args.base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
                 max_shard_size=args.max_shard_size, progress=not args.quiet)
     print(f"merged ({args.into}) into {out}")
@@ -492,27 +460,4 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"verify: {report['positions']} positions, max |logit diff| {report['max_abs_diff']:.3g}, "
               f"mean {report['mean_abs_diff']:.3g}, top-1 agreement {100 * report['top1_agreement']:.1f}%")
     return 0
-
-
-def add_merge_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("merge", help="fold an adapter into its base and write a standard model folder",
-                              description="Stream the base checkpoint shard by shard, add scale * B @ A to each "
-                                          "LoRA target, and write a folder plain transformers loads.")
-    p.add_argument("--base", required=True, help="the full-precision base model folder the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="output dtype (default: the checkpoint's own dtype)")
-    p.add_argument("--into", choices=list(INTO), default="dequantized",
-                   help="dequantized: add to the NF4-rounded weights training saw (default); "
-                        "original: add to the unquantized weights")
-    p.add_argument("--compute-dtype", choices=list(DTYPES), default=None,
-                   help="dtype weights were cast to before NF4 in training (default: recorded in the adapter, "
-                        f"else {ASSUMED_COMPUTE_DTYPE}; CPU training uses fp32)")
-    p.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="largest output shard (default: 5GB)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare logits of quantized base + adapter and the merged model on a few prompts")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_merge)
-    return p
 

@@ -87,6 +87,15 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
     return _PERMUTATIONS[key]
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant: works with a frozen base)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def count_tokens(batch: dict) -> int:
     """Input tokens that are not padding."""
     if "attention_mask" in batch:
@@ -168,7 +177,7 @@ def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
                use_rslora=cfg.lora.use_rslora)
     log(trainable_parameter_summary(model)[2])
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     params = list(lora_state_dict(model).values())
     optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
@@ -241,13 +250,13 @@ def _adapter_kwargs(cfg: RunConfig, model) -> dict:
 
 
 def _checkpoint_writer(cfg: RunConfig, model):
-    from qlora_trainer.adapter import save_adapter
+    from qlora_trainer.adapter import write_adapter_files
 
     kwargs = _adapter_kwargs(cfg, model)
 
     def write(step: int, optimizer, skipped: int) -> Path:
         state = {"rng": ckpt.rng_state(), "skipped_steps": skipped, "max_steps": cfg.train.max_steps}
-        return ckpt.save_checkpoint(Path(cfg.out), step, lambda folder: save_adapter(model, folder, **kwargs),
+        return ckpt.save_checkpoint(Path(cfg.out), step, lambda folder: write_adapter_files(model, folder, **kwargs),
                                     optimizer, state, cfg.train.keep_checkpoints)
 
     return write

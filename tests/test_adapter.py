@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from qlora_trainer import adapter as adapter_mod
+from qlora_trainer import atomic
 from qlora_trainer.adapter import (CONFIG_FILE, OURS_FILE, WEIGHTS_FILE, base_fingerprint, check_base_fingerprint,
                                    load_adapter_into, read_adapter, save_adapter)
 from qlora_trainer.errors import UserError
@@ -277,7 +278,7 @@ def test_save_replaces_an_existing_adapter(saved, tmp_path, monkeypatch, exchang
     dest = shutil.copytree(source, tmp_path / "adapter")
     (dest / "stale.txt").write_text("from the old adapter")
     if not exchange:  # a system without renameat2(RENAME_EXCHANGE)
-        monkeypatch.setattr(adapter_mod, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     _save(model, dest)
     assert sorted(p.name for p in dest.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, OURS_FILE]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -8,6 +8,7 @@ import torch
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict
 from qlora_trainer.loss import CausalLMLoss, chunked_cross_entropy
+from qlora_trainer.train import enable_checkpointing
 from tests.tiny_models import TINY, write_tiny_llama
 
 
@@ -76,7 +77,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     gen = torch.Generator().manual_seed(1)
     ids, labels, mask = _batch(gen)
     plain, checkpointed = _model_with_random_lora(tiny), _model_with_random_lora(tiny)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(checkpointed)
     assert checkpointed.model.gradient_checkpointing
     for model in (plain, checkpointed):
         summed, n = CausalLMLoss(model, 5)(input_ids=ids, labels=labels, attention_mask=mask)

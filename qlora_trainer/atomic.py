@@ -1,0 +1,81 @@
+"""Folders that appear whole or not at all (adapters, checkpoints, merged models).
+
+Everything is written into a temporary sibling folder; each file and the folder are fsynced, then it is
+renamed into place and the parent is fsynced. A reader that finds the final name finds a complete folder;
+a crash leaves at most a `.tmp-*` sibling, never a half-written final folder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on a fresh temporary sibling of `final`, make it durable, then put it in place of
+    `final` (an existing `final` folder is replaced only now). On any failure the temporary folder is removed
+    and `final` is untouched. Callers decide beforehand whether an existing `final` may be replaced."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", suffix=f"-{os.getpid()}", dir=final.parent))
+    try:
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_path(file)
+        fsync_path(tmp)
+        _put_in_place(tmp, final)
+        fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def is_stale_temp(path: Path) -> bool:
+    """A temporary folder left behind by another (killed) process."""
+    return path.name.startswith(TMP_PREFIX) and not path.name.endswith(f"-{os.getpid()}")
+
+
+def _put_in_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # A folder cannot be renamed over a non-empty folder. Swap the two atomically where the OS can (Linux
+    # renameat2 RENAME_EXCHANGE), so that `final` is always complete, old or new; else two renames.
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now holds the old folder
+        return
+    old = tmp.with_name(".old-" + tmp.name[len(TMP_PREFIX):])
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        renameat2 = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):  # not glibc >= 2.28
+        return False
+    # On failure (a filesystem without RENAME_EXCHANGE) nothing moved: the caller falls back.
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0

@@ -1,0 +1,27 @@
+"""The README's two commands are the ones CI and users run: keep them true."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bash_blocks(text: str) -> list[str]:
+    blocks, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```bash"):
+            inside, current = True, []
+        elif line.startswith("```") and inside:
+            inside = False
+            blocks.append("\n".join(current))
+        elif inside:
+            current.append(line)
+    return blocks
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    demo, tests = _bash_blocks(readme)[:2]  # the README opens with the two commands, demo first
+    ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert tests.strip() == ci_command
+    assert "pytest" in tests and "scripts/demo.py" in demo
+    assert (REPO / "scripts" / "demo.py").is_file()
