@@ -222,8 +222,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, swapped: dict[
     if attr == "weight" and module_name in swapped:
         if swapped[module_name] == "conv1d":
             value = value.T  # transformers' integration quantizes Conv1D weights as (out, in) too
-        # Cast first, as transformers does: the quant state then dequantizes to the compute dtype.
-        quant.quantize_into(module, value.to(compute_dtype), device)
+        # Cast to the compute dtype first, as transformers does (chunk by chunk, inside quantize_nf4): the quant
+        # state then dequantizes to the compute dtype, and the packed bits equal transformers' own.
+        quant.quantize_into(module, value, device, compute_dtype)
     elif attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value.to(device=device, dtype=compute_dtype), requires_grad=False)
     else:

@@ -47,31 +47,34 @@ def is_nf4_linear(module: nn.Module) -> bool:
 CHUNK = 1 << 20
 
 
-def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, "bnbf.QuantState"]:
-    """NF4 + double quantization of a weight, bit-identical to `bnbf.quantize_4bit(weight, blocksize=64,
-    compress_statistics=True, quant_type="nf4")` but in chunks of whole blocks, so the temporaries stay small.
+def quantize_nf4(weight: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, "bnbf.QuantState"]:
+    """NF4 + double quantization of `weight` cast to `dtype` (default: its own), bit-identical to
+    `bnbf.quantize_4bit(weight.to(dtype), blocksize=64, compress_statistics=True, quant_type="nf4")` but done
+    in chunks of whole blocks, cast chunk by chunk, so no full-size temporary ever exists.
 
     The first level (4-bit codes + one absmax per 64 values) is independent per block; the second level
     quantizes all the absmax values together, exactly as bitsandbytes does."""
+    dtype = dtype or weight.dtype
     flat = weight.contiguous().view(-1)
     packed, absmax = [], []
     for start in range(0, flat.numel(), CHUNK):
-        p, a = torch.ops.bitsandbytes.quantize_4bit.default(flat[start:start + CHUNK], BLOCKSIZE, QUANT_TYPE,
-                                                           torch.uint8)
+        chunk = flat[start:start + CHUNK].to(dtype)
+        p, a = torch.ops.bitsandbytes.quantize_4bit.default(chunk, BLOCKSIZE, QUANT_TYPE, torch.uint8)
         packed.append(p)
         absmax.append(a)
     absmax = torch.cat(absmax)
     offset = absmax.mean()
     qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
-    state = bnbf.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=BLOCKSIZE,
+    state = bnbf.QuantState(absmax=qabsmax, shape=weight.shape, dtype=dtype, blocksize=BLOCKSIZE,
                             code=bnbf.get_4bit_type(QUANT_TYPE, device=weight.device), quant_type=QUANT_TYPE,
                             offset=offset, state2=state2)
     return torch.cat(packed), state
 
 
-def quantize_into(module: nn.Module, weight: torch.Tensor, device: torch.device | str) -> None:
-    """Quantize a full-precision (out, in) weight on `device` and install it in a 4-bit linear."""
-    packed, state = quantize_nf4(weight.to(device))
+def quantize_into(module: nn.Module, weight: torch.Tensor, device: torch.device | str,
+                  dtype: torch.dtype | None = None) -> None:
+    """Quantize a full-precision (out, in) weight, cast to `dtype`, on `device`; install it in a 4-bit linear."""
+    packed, state = quantize_nf4(weight.to(device), dtype)
     module.weight = bnb.nn.Params4bit(
         packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE, compress_statistics=DOUBLE_QUANT,
         quant_type=QUANT_TYPE, quant_storage=torch.uint8, module=module, bnb_quantized=True,

@@ -108,10 +108,9 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
-def test_peak_host_memory_is_one_tensor_plus_the_quantized_model(tmp_path):
-    """Load a 134M-parameter checkpoint (268 MB in bf16) in a fresh process and read its peak RSS."""
-    hidden, inter, layers, vocab = 1024, 4096, 8, 1024
+def _write_llama_checkpoint(folder: Path, layers: int, hidden: int = 1024, inter: int = 4096,
+                            vocab: int = 1024) -> dict:
+    """A random bf16 LLaMA checkpoint written tensor by tensor (no model object); returns its sizes."""
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
               "model.norm.weight": (hidden,)}
     for i in range(layers):
@@ -123,25 +122,41 @@ def test_peak_host_memory_is_one_tensor_plus_the_quantized_model(tmp_path):
                        p + "post_attention_layernorm.weight": (hidden,)})
     gen = torch.Generator().manual_seed(0)
     tensors = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
-    bf16_bytes = sum(t.numel() * 2 for t in tensors.values())
-    largest = max(t.numel() for t in tensors.values())
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    del tensors
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = {**TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 16,
               "num_key_value_heads": 16, "vocab_size": vocab, "tie_word_embeddings": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
+    return {"bf16_bytes": sum(t.numel() * 2 for t in tensors.values()),
+            "largest": max(t.numel() for t in tensors.values())}
 
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+
+def _peak_growth(folder: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder)], capture_output=True, text=True,
                          cwd=REPO, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    growth = result["after"] - result["before"]
-    # One tensor in flight: its bf16 read, the fp32 cast, and bitsandbytes' quantization temporaries.
-    one_tensor = largest * (2 + 4 + 4)
-    bound = result["model_bytes"] + one_tensor + 32 * 2**20  # + allocator/python slack
-    assert result["model_bytes"] < 0.5 * bf16_bytes
-    assert growth < bound, f"peak grew {growth / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
-    assert growth < 0.75 * bf16_bytes  # never the full-precision model
+    return {"growth": result["after"] - result["before"], "model_bytes": result["model_bytes"]}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+def test_peak_host_memory_is_one_tensor_plus_the_quantized_model(tmp_path):
+    """Peak RSS of a fresh process loading a 2-layer and a 10-layer checkpoint (50 MB and 185 MB in bf16)."""
+    small = {**_write_llama_checkpoint(tmp_path / "small", layers=2), **_peak_growth(tmp_path / "small")}
+    big = {**_write_llama_checkpoint(tmp_path / "big", layers=10), **_peak_growth(tmp_path / "big")}
+    mib = 2**20
+    for run in (small, big):
+        assert run["model_bytes"] < 0.5 * run["bf16_bytes"]
+        # The quantized model, one tensor in flight (bf16 read + fp32 chunks + bitsandbytes' temporaries), and a
+        # fixed allowance for the allocator and the CPU kernels' first use (measured: 60-85 MiB at any size).
+        bound = run["model_bytes"] + 10 * run["largest"] + 64 * mib
+        assert run["growth"] < bound, f"peak grew {run['growth'] / mib:.0f} MiB > bound {bound / mib:.0f} MiB"
+    # What eight more layers cost is their quantized size, not their bf16 size.
+    extra_model = big["model_bytes"] - small["model_bytes"]
+    extra_bf16 = big["bf16_bytes"] - small["bf16_bytes"]
+    extra_growth = big["growth"] - small["growth"]
+    assert extra_growth < 1.25 * extra_model + 16 * mib, (extra_growth / mib, extra_model / mib)
+    assert extra_growth < 0.4 * extra_bf16
 
 
 def test_random_weight_path_builds_straight_into_nf4():
