@@ -60,6 +60,8 @@ class Adapter:
     fingerprint: dict | None = None  # the base it was trained on (qlora_trainer.json); None for PEFT's adapters
     compute_dtype: str | None = None  # "bf16" | "fp16" | "fp32": what the base was cast to before NF4 (ours only)
     path: Path | None = None
+    classifier: dict | None = None  # SEQ_CLS (ours only): {"id2label": [names], "pad_token_id": int}
+    weights_sha256: str | None = None  # of adapter_model.safetensors as saved (ours only): see verify_weights_checksum
 
     @property
     def r(self) -> int:
@@ -172,7 +174,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, **settings) -> Pa
 
 def write_adapter_files(model: nn.Module, folder: Path, *, base_model_name_or_path: str, r: int, alpha: float,
                         dropout: float, use_rslora: bool = False, task_type: str = "CAUSAL_LM",
-                        fingerprint: dict | None = None, extra_config: dict | None = None) -> None:
+                        fingerprint: dict | None = None, extra_config: dict | None = None,
+                        classifier: dict | None = None) -> None:
     """The model's LoRA layers (and any modules_to_save named in extra_config) as adapter_config.json,
     adapter_model.safetensors and qlora_trainer.json in an existing folder. `fingerprint` defaults to
     base_fingerprint(model)."""
@@ -194,9 +197,33 @@ def write_adapter_files(model: nn.Module, folder: Path, *, base_model_name_or_pa
         tensors[PREFIX + name] = _to_saved(value)
     ours = {"version": __version__, "compute_dtype": _compute_dtype_name(model),
             "base_fingerprint": fingerprint if fingerprint is not None else base_fingerprint(model)}
+    if classifier is not None:
+        ours["classifier"] = classifier  # label names and pad id of a SEQ_CLS adapter
     safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    ours["weights_sha256"] = _file_sha256(folder / WEIGHTS_FILE)  # safetensors has no checksum of its own
     _write_json(folder / CONFIG_FILE, config)
     _write_json(folder / OURS_FILE, ours)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights_checksum(adapter: Adapter) -> None:
+    """UserError if adapter_model.safetensors is not the file our save wrote (a flipped bit in a weight parses
+    fine and would load silently). Adapters without the record (PEFT's, older ones) pass. Called after the
+    structural and shape checks, so that those name what is wrong when they can."""
+    if adapter.weights_sha256 is None or adapter.path is None:
+        return
+    file = adapter.path / WEIGHTS_FILE
+    if _file_sha256(file) != adapter.weights_sha256:
+        raise UserError(f"{file}: checksum mismatch with {OURS_FILE}: the weights are corrupt or were changed after "
+                        f"they were saved; save or copy the adapter again (if you changed them on purpose, delete "
+                        f"{OURS_FILE}, which also turns off the check of the base model)")
 
 
 def _peft_config(model: nn.Module, layers: dict[str, LoRALinear], *, base_model_name_or_path: str, r: int,
@@ -309,7 +336,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     return Adapter(config=config, weights=weights, scale=lora_scale(config["r"], config["lora_alpha"],
                                                                     config["use_rslora"]),
                    extra=extra, fingerprint=ours.get("base_fingerprint"), compute_dtype=ours.get("compute_dtype"),
-                   path=folder)
+                   path=folder, weights_sha256=ours.get("weights_sha256"), classifier=ours.get("classifier"))
 
 
 def _read_json(file: Path, what: str) -> dict:
@@ -466,9 +493,11 @@ def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check
         raise ValueError("the model already has LoRA layers: load the adapter into a fresh base model")
     adapter = read_adapter(adapter_dir)
     folder = Path(adapter_dir)
+    _check_task(model, adapter, folder / CONFIG_FILE)
     if check_base:
         check_base_fingerprint(adapter, model)
     _check_shapes(model, adapter, folder / WEIGHTS_FILE)
+    verify_weights_checksum(adapter)
     apply_lora(model, list(adapter.weights), r=adapter.r, alpha=adapter.alpha,
                dropout=float(adapter.config["lora_dropout"]), use_rslora=adapter.use_rslora)
     layers = lora_modules(model)
@@ -481,6 +510,19 @@ def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check
         for name, value in adapter.extra.items():
             model.get_parameter(name).copy_(value)
     return adapter
+
+
+def _check_task(model: nn.Module, adapter: Adapter, file: Path) -> None:
+    """A classification (SEQ_CLS) adapter goes on a classifier, any other on a causal LM."""
+    from qlora_trainer.loading import is_classifier
+
+    task = adapter.config.get("task_type")
+    if task == "SEQ_CLS" and not is_classifier(model):
+        raise UserError(f"{file}: task_type SEQ_CLS: this is a classification adapter, not a causal LM's; "
+                        "use `qlora-trainer classify --base ... --adapter ...` (generate needs a causal-LM adapter)")
+    if is_classifier(model) and task not in (None, "SEQ_CLS"):
+        raise UserError(f"{file}: task_type {task}: not a classification adapter; load it on a causal LM "
+                        "(model.task causal_lm), or train one with model.task classification")
 
 
 def _check_shapes(model: nn.Module, adapter: Adapter, file: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import tempfile
@@ -27,10 +28,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_folder(final: Path, write: Callable[[Path], None]) -> Path:
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_folder(final: Path, write: Callable[[Path], None], expected_bytes: int | None = None) -> Path:
     """Call write(tmp) on a fresh temporary sibling of `final`, make it durable, then put it in place of
     `final` (an existing `final` folder is replaced only now). On any failure the temporary folder is removed
-    and `final` is untouched. Callers decide beforehand whether an existing `final` may be replaced."""
+    and `final` is untouched. Callers decide beforehand whether an existing `final` may be replaced.
+
+    A full disk or quota (ENOSPC, EDQUOT) becomes a UserError saying how much space the folder needs
+    (`expected_bytes`, else at least what was written before the disk filled) and how much is free."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", suffix=f"-{os.getpid()}", dir=final.parent))
@@ -42,10 +49,54 @@ def write_folder(final: Path, write: Callable[[Path], None]) -> Path:
         fsync_path(tmp)
         _put_in_place(tmp, final)
         fsync_path(final.parent)
+    except OSError as err:
+        written = _folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in DISK_FULL:
+            raise disk_full_error(final, err, expected_bytes, written) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _folder_bytes(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def disk_full_error(target: Path, err: OSError, expected_bytes: int | None = None, written: int = 0) -> UserError:
+    """The one-line message for a write into `target` that ran out of disk space or quota."""
+    from qlora_trainer.errors import UserError
+
+    target = Path(target)
+    needed = (f"it needs about {human_bytes(expected_bytes)}" if expected_bytes
+              else f"it needs more than the {human_bytes(written)} written before the disk filled")
+    try:
+        free = f"{human_bytes(shutil.disk_usage(_existing_parent(target)).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    what = "disk quota exceeded" if err.errno == errno.EDQUOT else "no space left on the device"
+    return UserError(f"{target}: {what} while writing {err.filename or target} ({needed}, {free}); "
+                     f"nothing was put in place of {target.name} (anything there before is intact): free up space "
+                     "or write somewhere else")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def is_stale_temp(path: Path) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -77,18 +78,37 @@ def save_checkpoint(out: Path, step: int, write_adapter: Callable[[Path], None],
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
         files = sorted(p.name for p in folder.iterdir() if p.is_file())
         checksums = {name: sha256(folder / name) for name in files}
-        (folder / STATE_FILE).write_text(json.dumps({**state, "step": step, "checksums": checksums}),
+        content = {**state, "step": step, "checksums": checksums}
+        (folder / STATE_FILE).write_text(json.dumps({**content, "state_sha256": _state_digest(content)}),
                                          encoding="utf-8")
 
-    atomic.write_folder(final, write)
+    atomic.write_folder(final, write, expected_bytes=_checkpoint_bytes(optimizer))
     _prune(final.parent, keep)
     return final
+
+
+def _state_digest(content: dict) -> str:
+    """sha256 of the trainer state itself (RNG states, counters, the other files' checksums): a flipped digit in
+    trainer_state.json that still parses as JSON is caught too."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _checkpoint_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """About what a checkpoint takes on disk: the trained tensors (fp32 adapter) and the optimizer's state."""
+    params = sum(p.numel() * 4 for group in optimizer.param_groups for p in group["params"])
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    return params + state + (64 << 10)  # + JSON files (RNG states, config)
 
 
 def _prune(folder: Path, keep: int) -> None:
     steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first, then delete: a run killed mid-rmtree must not leave a half-deleted step-N folder (found
+        # by scripts/fault_injection.py). The renamed leftover is a stale temp folder, removed by the next run.
+        doomed = old.with_name(f"{atomic.TMP_PREFIX}delete-{old.name}-{os.getpid()}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     for stale in folder.iterdir():  # left by a run killed mid-write
         if atomic.is_stale_temp(stale):
             shutil.rmtree(stale, ignore_errors=True)
@@ -103,7 +123,12 @@ def verify_checkpoint(folder: Path) -> dict:
         step = int(state["step"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{state_file}: unreadable trainer state ({err!r})") from None
-    if step != int(folder.name.removeprefix(PREFIX)):
+    if not isinstance(checksums, dict):
+        raise UserError(f"{state_file}: unreadable trainer state (checksums is not a mapping)")
+    recorded = state.pop("state_sha256", None)  # absent in checkpoints written before it was added
+    if recorded is not None and recorded != _state_digest(state):
+        raise UserError(f"{state_file}: checksum mismatch (the trainer state is corrupt or was changed)")
+    if folder.name != f"{PREFIX}{step:06d}":  # also a folder named step-<not a number>: no crash, a message
         raise UserError(f"{state_file}: says step {step} but lives in {folder.name}")
     for name, digest in checksums.items():
         file = folder / name

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_merge_parser(sub)
     _add_generate_parser(sub)
+    _add_inspect_parser(sub)
+    _add_classify_parser(sub)
 
     from qlora_trainer.estimate import add_estimate_parser  # plain Python, no torch: cheap to import
 
@@ -93,6 +95,13 @@ def _add_merge_parser(sub) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompts is not None:
+        from qlora_trainer.multi_adapter import run_prompts_command
+
+        return run_prompts_command(args)
+    if args.adapter is not None and len(args.adapter) > 1:
+        raise UserError("several --adapter NAME=DIR need --prompts FILE.jsonl, whose rows name their adapter")
+    args.adapter = args.adapter[0] if args.adapter else None
     from qlora_trainer.generate import run_generate_command
 
     return run_generate_command(args)
@@ -103,7 +112,13 @@ def _add_generate_parser(sub) -> None:
                        description="Load the base as NF4, apply the adapter, render the prompt with the "
                                    "tokenizer's chat template (when it has one) and stream the reply.")
     p.add_argument("--base", required=True, help="base model folder (or a hub id already in the local cache)")
-    p.add_argument("--adapter", default=None, help="adapter folder (default: the base alone)")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="adapter folder (default: the base alone); with --prompts, NAME=DIR, repeated, one per "
+                        "adapter the rows name")
+    p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help='one JSON object per line, {"prompt": ..., "adapter": NAME or null}; rows with different '
+                        "adapters share a batch; prints each row with its completion as JSON lines")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per mixed batch with --prompts (default 16)")
     p.add_argument("--prompt", default=None, help="the user message (with --chat: a system message)")
     p.add_argument("--chat", action="store_true", help="interactive: one user message per stdin line; an empty "
                                                        "line or EOF ends it")
@@ -118,6 +133,52 @@ def _add_generate_parser(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from qlora_trainer.spectrum import run_inspect_command
+
+    return run_inspect_command(args)
+
+
+def _add_inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="what the adapter learned: the spectrum of every LoRA update; rank truncation",
+                       description="Singular values of each module's update scale * B @ A (from QRs of B and A.T "
+                                   "and an r x r SVD), the ranks holding 90%%/99%% of the energy, a verdict on "
+                                   "the rank, and optionally a plot or a rank-K truncated adapter.")
+    p.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base", default=None, help="base model folder: adds ||dW||_F / ||W||_F against the "
+                                                "dequantized base weight")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a PNG: layers x module types coloured "
+                                                                   "by the 90%%-energy rank, and the mean spectrum")
+    p.add_argument("--truncate-rank", type=int, default=None, metavar="K",
+                   help="write the best rank-K approximation of every update (needs --out)")
+    p.add_argument("--out", default=None, help="output adapter folder for --truncate-rank")
+    p.add_argument("--device", default=None, help="device for loading --base: cuda, cpu (default: cuda if available)")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from qlora_trainer.classify import run_classify_command
+
+    return run_classify_command(args)
+
+
+def _add_classify_parser(sub) -> None:
+    p = sub.add_parser("classify", help="label texts with a classification adapter on the quantized base",
+                       description="Load the base as an NF4 sequence classifier, apply the adapter (LoRA and its "
+                                   "head), feed each text as tokenizer(text) and print its label and probability; "
+                                   "with labelled rows, the accuracy.")
+    p.add_argument("--base", required=True, help="base model folder (or a hub id already in the local cache)")
+    p.add_argument("--adapter", required=True, help="classification (SEQ_CLS) adapter folder")
+    p.add_argument("--text", action="append", default=None, help="a text to classify (repeat for several)")
+    p.add_argument("--file", default=None, metavar="ROWS.jsonl",
+                   help='one {"text": ..., "label": name or id (optional)} object per line')
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.set_defaults(func=_cmd_classify)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -126,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # One line, whatever a library put into the text we quote (transformers' messages span several).
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ attention_mask; its right padding forms a segment of its own that no real token 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import os
@@ -145,7 +146,8 @@ def load_rows(path: str):
         if ext != ".parquet":
             _check_utf8(path)
         try:
-            ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, split="train")
+            with _quiet_datasets():
+                ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, split="train")
         except Exception as err:  # the readers raise many types; the message below keeps the reader's own
             better = _find_bad_json(path) if FILE_BUILDERS[ext] == "json" else None
             raise UserError(better or f"{path}: cannot read it as {ext[1:]}: {str(err).splitlines()[0]}") from err
@@ -156,6 +158,23 @@ def load_rows(path: str):
     if len(ds) == 0:
         raise UserError(f"{path} has no rows")
     return ds
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Generating train split" bar and no logged reader error on stderr: a bad file is reported once, as
+    our UserError (the CLI's one line), and a good one by the statistics we print."""
+    import datasets
+
+    bars_were_on, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def _load_cached_hub_dataset(name: str):

@@ -75,6 +75,9 @@ def read_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedC
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{config_file}: cannot read it as JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file}: expected a JSON object (model_type, hidden_size, ...), "
+                        f"found a {type(raw).__name__}")
     if "auto_map" in raw and not trust_remote_code:
         # A model that ships its own Python code: we never run it unless the user says so.
         if raw.get("model_type") not in _known_model_types():
@@ -86,7 +89,8 @@ def read_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedC
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as err:
         raise UserError(
-            f"{config_file}: unsupported architecture (model_type={raw.get('model_type')!r}): {err}"
+            f"{config_file}: unsupported architecture (model_type={raw.get('model_type')!r}): "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else repr(err)}"
         ) from None
 
 
@@ -158,6 +162,8 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}, not a mapping")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise UserError(f"{index_file}: not a valid safetensors index ({err!r}): re-save the model") from None
         files = {}
@@ -258,7 +264,20 @@ def _ignorable(model: nn.Module, key: str) -> bool:
 
     patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     patterns.append(r"rotary_emb\.inv_freq")  # older LLaMA checkpoints saved this computed buffer
-    return any(re.search(p, key) for p in patterns)
+    return any(re.search(p, key) for p in patterns) or is_other_task_head(model, key)
+
+
+CAUSAL_HEADS = ("lm_head",)  # the output layer of a causal-LM checkpoint
+
+
+def is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def is_other_task_head(model: nn.Module, key: str) -> bool:
+    """A causal checkpoint's lm_head, loaded as a classifier: the classifier has its own head instead, and
+    transformers drops this tensor too (its load report calls it UNEXPECTED)."""
+    return is_classifier(model) and key.split(".", 1)[0] in CAUSAL_HEADS
 
 
 def fill_from_checkpoint(model: nn.Module, swapped: dict[str, str], model_dir: Path, device: torch.device,

@@ -34,11 +34,13 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from qlora_trainer import atomic, quant
-from qlora_trainer.adapter import Adapter, check_base_fingerprint, load_adapter_into, read_adapter
+from qlora_trainer.adapter import (Adapter, check_base_fingerprint, load_adapter_into, read_adapter,
+                                   verify_weights_checksum)
+from qlora_trainer.classify import num_labels_of_adapter, write_merged_config
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import (DTYPES, checkpoint_key_to_param, expected_shapes, return_freed_memory_to_os,
-                                   build_empty_model, checkpoint_files, read_config, resolve_model_dir,
-                                   stream_tensors, swap_in_nf4_linears)
+                                   build_empty_model, checkpoint_files, is_other_task_head, read_config,
+                                   resolve_model_dir, stream_tensors, swap_in_nf4_linears)
 
 INTO = ("dequantized", "original")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -149,7 +151,9 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
           compute_dtype: torch.dtype) -> tuple[list[_Entry], object]:
     config = read_config(model_dir)
     check_base_fingerprint(adapter, copy.deepcopy(config))
-    model = build_empty_model(config, compute_dtype=compute_dtype)  # meta: shapes and module types only
+    classifier = adapter.config.get("task_type") == "SEQ_CLS"  # the head comes from the adapter; lm_head is dropped
+    model = build_empty_model(config, compute_dtype=compute_dtype, task="classification" if classifier else "causal_lm",
+                              num_labels=num_labels_of_adapter(adapter) if classifier else None)  # meta: shapes only
     swapped = swap_in_nf4_linears(model, compute_dtype)
     expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
@@ -161,6 +165,8 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
     for key, file in files.items():
         by_file.setdefault(file, []).append(key)
     for key, file in ((k, f) for f, keys in by_file.items() for k in keys):
+        if classifier and is_other_task_head(model, key):
+            continue
         shape, dtype = headers[key]
         param = checkpoint_key_to_param(key, expected, prefix)
         target = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
@@ -361,6 +367,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: no such adapter folder (adapter_config.json + adapter_model.safetensors)")
+    read_config(model_dir)  # a config.json that is not JSON, or of an unknown architecture, is named here
     raw_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if raw_config.get("quantization_config"):
         raise UserError(f"{model_dir / 'config.json'}: this checkpoint is already quantized; merge needs the "
@@ -368,11 +375,12 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     out_dtype = _resolve_dtype(dtype, "--dtype")
     adapter_obj = read_adapter(adapter_dir)
     task = adapter_obj.config.get("task_type") or "CAUSAL_LM"
-    if task != "CAUSAL_LM":
-        raise UserError(f"{adapter_dir / 'adapter_config.json'}: task_type {task}: merge writes causal LMs only; "
-                        "use the base + adapter as they are (e.g. `qlora-trainer classify --base ... --adapter ...`)")
+    if task not in ("CAUSAL_LM", "SEQ_CLS"):
+        raise UserError(f"{adapter_dir / 'adapter_config.json'}: task_type {task}: merge writes causal LMs and "
+                        "classifiers (SEQ_CLS) only; use the base + adapter as they are")
     compute = _resolve_dtype(compute_dtype or adapter_compute_dtype(adapter_obj, adapter_dir), "--compute-dtype")
     entries, _ = _plan(model_dir, adapter_obj, adapter_dir, out_dtype, compute)
+    verify_weights_checksum(adapter_obj)  # after the plan's checks, which name a wrong base or shape more precisely
     shards = _layout(entries, parse_size(max_shard_size))
 
     def write(tmp: Path) -> None:
@@ -395,9 +403,13 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
                  "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         _write_config(model_dir, tmp, out_dtype)
+        if task == "SEQ_CLS":
+            write_merged_config(tmp / "config.json", adapter_obj)  # the classifier class, labels, pad id
         _copy_side_files(model_dir, tmp, adapter_dir)
 
-    atomic.write_folder(out, write)  # an existing `out` is empty (checked above)
+    side_bytes = sum(f.stat().st_size for f in model_dir.iterdir() if f.name in COPIED and f.is_file())
+    # an existing `out` is empty (checked above); a full disk is a UserError saying how much space is needed
+    atomic.write_folder(out, write, expected_bytes=sum(e.nbytes for e in entries) + side_bytes)
     return out
 
 
@@ -409,6 +421,10 @@ def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os
 
     from qlora_trainer.loading import load_quantized, resolve_device
 
+    if read_adapter(adapter).config.get("task_type") == "SEQ_CLS":
+        from qlora_trainer.classify import verify_merged_classifier
+
+        return verify_merged_classifier(base, adapter, merged, texts=texts or VERIFY_TEXTS, device=device)
     dev = resolve_device(device)
     ours = load_quantized(base, compute_dtype="fp32", device=dev, progress=False)
     load_adapter_into(ours, adapter)

@@ -22,11 +22,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from qlora_trainer import atomic, classify, lock
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.config import RunConfig, load_config, save_config
 from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
 from qlora_trainer.errors import UserError
-from qlora_trainer.loading import load_quantized, resolve_model_dir
+from qlora_trainer.loading import load_quantized, read_config, resolve_model_dir
 from qlora_trainer.lora import apply_lora, lora_state_dict, trainable_parameter_summary
 from qlora_trainer.loss import CausalLMLoss
 from qlora_trainer.quant import make_optimizer
@@ -42,6 +43,7 @@ class TrainResult:
     eval_loss: float | None
     skipped_steps: int
     history: list[dict] = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)  # the last eval: eval_loss (+ eval_accuracy, eval_f1)
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
@@ -110,7 +112,7 @@ def train_step(loss_model, micro_batches: list[dict], optimizer, params: list[to
     """One optimizer step over grad_accum micro-batches. The loss is the mean over all trained tokens of the
     step (not a mean of per-batch means, which over-weights short batches). Returns (loss, grad_norm, ok):
     a non-finite loss or gradient skips the update and leaves the adapter untouched."""
-    total_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+    total_tokens = sum(_trained_count(mb["labels"]) for mb in micro_batches)
     loss_sum = 0.0
     for mb in micro_batches:
         with accelerator.autocast():
@@ -144,6 +146,21 @@ def evaluate(loss_model, examples: list[dict], batch_size: int, pad_id: int, dev
     return total / max(tokens, 1)
 
 
+def _evaluate(loss_model, examples: list[dict], batch_size: int, pad_id: int, device) -> dict:
+    """{eval_loss} for a causal LM; {eval_loss, eval_accuracy, eval_f1} for a classifier ({} with no eval set)."""
+    if isinstance(loss_model, classify.ClassifierLoss):
+        return classify.evaluate_classifier(loss_model, examples, batch_size, pad_id, device)
+    loss = evaluate(loss_model, examples, batch_size, pad_id, device)
+    return {} if loss is None else {"eval_loss": round(loss, 6)}
+
+
+def _trained_count(labels: torch.Tensor) -> int:
+    """What the loss is a mean over: trained tokens (labels (B, T), shifted) or examples (a classifier's (B,))."""
+    if labels.dim() == 1:
+        return labels.numel()
+    return int((labels[:, 1:] != -100).sum())
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -155,6 +172,7 @@ def check_output_folder(cfg: RunConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} is a file, not a folder: choose another out")
+    lock.check_free(out)  # a live run in `out`: say so before loading anything
     if not cfg.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise UserError(f"out={out} already holds checkpoints of an earlier run: pass resume=true (or --resume) "
                         f"to continue it, or choose another out")
@@ -162,28 +180,41 @@ def check_output_folder(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
+    """Fine-tune as `cfg` says into cfg.out, which this run holds locked (see lock.py) until it returns."""
     out = check_output_folder(cfg)
-    if cfg.model.task != "causal_lm":
-        raise UserError("model.task: only causal_lm training is supported so far")
+    with lock.RunLock(out) as run_lock:
+        try:
+            return _train(cfg, out, run_lock, progress=progress, log=log)
+        except OSError as err:
+            if err.errno in atomic.DISK_FULL:  # metrics, config.yaml, loss.png: checkpoints say more themselves
+                raise atomic.disk_full_error(out, err) from None
+            raise
+
+
+def _train(cfg: RunConfig, out: Path, run_lock: lock.RunLock, *, progress: bool, log) -> TrainResult:
     tokenizer = load_tokenizer(cfg)
-    train_examples, eval_examples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    train_examples, eval_examples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed, cfg.model.num_labels)
+    labels = classify.label_names_for(cfg.model.num_labels, stats) if cfg.model.task == "classification" else None
     log(stats.summary())
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     set_seed(cfg.train.seed)
     model = load_quantized(cfg.model.path, compute_dtype=cfg.model.compute_dtype, device=accelerator.device,
-                           trust_remote_code=cfg.model.trust_remote_code, progress=progress)
+                           trust_remote_code=cfg.model.trust_remote_code, progress=progress, task=cfg.model.task,
+                           num_labels=len(labels) if labels else None)
     apply_lora(model, cfg.lora.targets, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                use_rslora=cfg.lora.use_rslora)
+    head = classify.prepare_head(model, labels, pad_token_id(tokenizer)) if labels else []  # fp32, trained in full
     log(trainable_parameter_summary(model)[2])
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    params = list(lora_state_dict(model).values())
+    params = list(lora_state_dict(model).values()) + head
     optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
-    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model, cfg.train.loss_chunk_size), optimizer)
+    objective = classify.ClassifierLoss(model) if labels else CausalLMLoss(model, cfg.train.loss_chunk_size)
+    loss_model, optimizer = accelerator.prepare(objective, optimizer)
 
-    out.mkdir(parents=True, exist_ok=True)
+    run_lock.acquire()  # creates `out`; refuses if another run holds it
     save_config(cfg, str(out / "config.yaml"))
     start_step, skipped = 0, 0
     if cfg.resume:
@@ -193,7 +224,7 @@ def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
 
     pad_id = pad_token_id(tokenizer)
     saver = _checkpoint_writer(cfg, model)
-    bad_in_a_row, recent, loss, eval_loss = 0, [], float("nan"), None
+    bad_in_a_row, recent, loss, eval_loss, eval_metrics = 0, [], float("nan"), None, {}
     window_tokens, window_start = 0, time.perf_counter()
     bar = tqdm(range(start_step, cfg.train.max_steps), initial=start_step, total=cfg.train.max_steps,
                desc="training", unit="step", disable=not progress, dynamic_ncols=True)
@@ -219,17 +250,18 @@ def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
         recent = (recent + [loss])[-20:]
         evaluated = done % cfg.train.eval_every == 0 or done == cfg.train.max_steps
         if evaluated:
-            eval_loss = evaluate(loss_model, eval_examples, cfg.train.batch_size, pad_id, accelerator.device)
+            eval_metrics = _evaluate(loss_model, eval_examples, cfg.train.batch_size, pad_id, accelerator.device)
+            eval_loss = eval_metrics.get("eval_loss")
         if done % cfg.train.log_every == 0 or evaluated:
             elapsed = time.perf_counter() - window_start
             row = {"step": done, "loss": round(loss, 6), "lr": lr_at(step, cfg.train), "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), "mem_gb": round(_memory_gb(), 3)}
-            if evaluated and eval_loss is not None:
-                row["eval_loss"] = round(eval_loss, 6)
+            if evaluated:
+                row.update(eval_metrics)  # eval_loss (+ eval_accuracy, eval_f1 for a classifier)
             history.append(row)
             _append_metric(out, row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            mem=f"{row['mem_gb']:.2f}GB")
+                            mem=f"{row['mem_gb']:.2f}GB", **classify.bar_fields(eval_metrics))
             window_tokens, window_start = 0, time.perf_counter()
         if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
             saver(done, optimizer, skipped)
@@ -239,14 +271,18 @@ def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
 
     save_adapter(model, out / "adapter", **_adapter_kwargs(cfg, model))
     plot_losses(history, out / "loss.png")
-    return TrainResult(out, cfg.train.max_steps, loss, eval_loss, skipped, history)
+    from qlora_trainer.spectrum import model_spectra, verdict
+
+    log(f"adapter rank: {verdict(model_spectra(model))}; details: qlora-trainer inspect {out / 'adapter'}")
+    return TrainResult(out, cfg.train.max_steps, loss, eval_loss, skipped, history, eval_metrics)
 
 
 def _adapter_kwargs(cfg: RunConfig, model) -> dict:
     from qlora_trainer.adapter import base_fingerprint
 
+    task = classify.adapter_settings(model) if cfg.model.task == "classification" else {}
     return dict(base_model_name_or_path=str(cfg.model.path), r=cfg.lora.r, alpha=cfg.lora.alpha,
-                dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora, fingerprint=base_fingerprint(model))
+                dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora, fingerprint=base_fingerprint(model), **task)
 
 
 def _checkpoint_writer(cfg: RunConfig, model):
@@ -279,6 +315,8 @@ def _resume(out: Path, model, optimizer, log) -> tuple[int, int]:
         for name, (A, B) in adapter.weights.items():
             modules[name].lora_A.copy_(A)
             modules[name].lora_B.copy_(B)
+        for name, value in adapter.extra.items():  # a classifier's head (modules_to_save)
+            model.get_parameter(name).copy_(value)
     ckpt.load_optimizer_state(folder, optimizer)
     ckpt.set_rng_state(state["rng"])
     log(f"resumed from {folder} (step {state['step']})")
@@ -312,7 +350,10 @@ def _read_metrics(out: Path, up_to: int) -> list[dict]:
 
 
 def _write_metrics(out: Path, rows: list[dict]) -> None:
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    """Rewrite metrics.jsonl through a temporary file: a kill mid-rewrite must not lose the rows already logged."""
+    tmp = out / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out / "metrics.jsonl")
 
 
 def _append_metric(out: Path, row: dict) -> None:
@@ -346,10 +387,13 @@ def run_train_command(config_path: str, overrides: list[str], *, resume: bool = 
         from qlora_trainer.data import run_data_command
 
         return run_data_command(config_path, overrides)
-    resolve_model_dir(cfg.model.path)  # a missing model folder is reported before the data is read
+    # A missing model folder, a config.json that is not a JSON object, an unknown architecture or remote code
+    # is reported before the data is read (and named as config.json, not as a tokenizer failure).
+    read_config(resolve_model_dir(cfg.model.path), cfg.model.trust_remote_code)
     result = train(cfg, progress=sys.stderr.isatty() or os.environ.get("QLORA_PROGRESS") == "1")
     print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}"
           + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+          + classify.summary_fields(result.eval_metrics)
           + (f", {result.skipped_steps} skipped (non-finite)" if result.skipped_steps else "")
           + f"\nadapter: {result.out / 'adapter'}\nmetrics: {result.out / 'metrics.jsonl'}, plot: {result.out / 'loss.png'}")
     return 0

@@ -1,0 +1,200 @@
+"""The GPT-2 family (transformers' Conv1D: weights stored (in, out), q/k/v fused in c_attn) on the NF4 + LoRA path:
+bit-equality with transformers' 4-bit load, targets, PEFT's adapter layout and interop both ways, merge in the
+checkpoint's own layout for both --into targets, generate and inspect."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from qlora_trainer import quant
+from qlora_trainer.adapter import load_adapter_into, save_adapter
+from qlora_trainer.cli import main
+from qlora_trainer.generate import generate_ids
+from qlora_trainer.loading import load_quantized
+from qlora_trainer.lora import apply_lora, lora_modules, resolve_targets
+from qlora_trainer.merge import merge
+from tests.tiny_models import transformers_nf4
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from make_tiny_gpt2 import make_tiny_gpt2  # noqa: E402
+
+CONV1D_KINDS = {"c_attn", "c_proj", "c_fc"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These matrices are tiny: a second thread gains nothing, and on a busy machine OpenMP's spinning threads
+    make every step many times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 (2 layers, bf16, sharded) made by the asset script."""
+    path = make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "m", n_docs=300, n_layer=2, max_shard_size="150KB")
+    assert len(list(path.glob("model-*.safetensors"))) >= 3
+    return path
+
+
+def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _randomize_b(named_params, seed: int = 0, std: float = 0.05) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(named_params, key=lambda kv: kv[0]):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+@pytest.fixture(scope="module")
+def ours_adapter(gpt2, tmp_path_factory):
+    """(our model with a random adapter, its folder)."""
+    model = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
+    apply_lora(model, r=4, alpha=8)
+    _randomize_b(model.named_parameters())
+    out = save_adapter(model, tmp_path_factory.mktemp("ours") / "adapter", base_model_name_or_path=str(gpt2), r=4,
+                       alpha=8, dropout=0.0)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(gpt2, tmp_path_factory):
+    """(PEFT's model over transformers' NF4 GPT-2 with a random adapter, its folder)."""
+    model = get_peft_model(transformers_nf4(gpt2), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
+    _randomize_b(model.named_parameters(), seed=1)
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    model.save_pretrained(out)
+    return model.eval(), out
+
+
+def test_conv1d_weights_quantize_bit_equal_to_transformers(gpt2):
+    ours = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
+    ref = transformers_nf4(gpt2)
+    ours_layers = {n: m for n, m in ours.named_modules() if quant.is_nf4_linear(m)}
+    ref_layers = {n: m for n, m in ref.named_modules() if quant.is_nf4_linear(m)}
+    assert set(ours_layers) == set(ref_layers)
+    assert {n.rsplit(".", 1)[-1] for n in ours_layers} == CONV1D_KINDS and len(ours_layers) == 4 * 2
+    assert set(ours._qlora_swapped.values()) == {"conv1d"}
+    for name, layer in ours_layers.items():
+        theirs = ref_layers[name].weight
+        assert (layer.out_features, layer.in_features) == (ref_layers[name].out_features, ref_layers[name].in_features)
+        assert torch.equal(layer.weight.data, theirs.data), name
+        mine, their_state = layer.weight.quant_state.as_dict(packed=True), theirs.quant_state.as_dict(packed=True)
+        assert mine.keys() == their_state.keys()
+        for key in mine:
+            assert torch.equal(mine[key], their_state[key]), (name, key)
+    # the checkpoint stores (in, out); the 4-bit weight dequantizes to (out, in) = its transpose
+    c_attn = load_file(next(p for p in gpt2.glob("model-*.safetensors") if "transformer.h.0.attn.c_attn.weight"
+                            in load_file(p)))["transformer.h.0.attn.c_attn.weight"]
+    assert c_attn.shape == (128, 384)
+    assert quant.dequantize(ours_layers["transformer.h.0.attn.c_attn"]).shape == (384, 128)
+    ids = _ids(ours.config.vocab_size)
+    assert torch.equal(_logits(ours, ids), _logits(ref, ids))
+    assert ours.lm_head.weight is ours.transformer.wte.weight  # tied, never quantized
+
+
+def test_all_linear_and_named_targets_cover_the_conv1d_layers_never_the_head(gpt2, peft_adapter):
+    ours = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
+    chosen = resolve_targets(ours, "all-linear")
+    peft_model, _ = peft_adapter
+    peft_wrapped = {n.removeprefix("base_model.model.").removesuffix(".lora_A")
+                    for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert set(chosen) == peft_wrapped
+    assert {n.rsplit(".", 1)[-1] for n in chosen} == CONV1D_KINDS and "lm_head" not in chosen
+    assert len(resolve_targets(ours, ["c_attn"])) == 2
+    assert {n.rsplit(".", 1)[-1] for n in resolve_targets(ours, ["c_proj", "c_fc"])} == {"c_proj", "c_fc"}
+
+
+def test_adapter_layout_equals_peft_over_transformers_4bit_gpt2(ours_adapter, peft_adapter):
+    _, ours_dir = ours_adapter
+    _, peft_dir = peft_adapter
+    ours_cfg, peft_cfg = (json.loads((d / "adapter_config.json").read_text()) for d in (ours_dir, peft_dir))
+    # over transformers' 4-bit load the Conv1D layers are 4-bit linears holding (out, in): PEFT writes False
+    assert ours_cfg["fan_in_fan_out"] == peft_cfg["fan_in_fan_out"] is False
+    ours_w, peft_w = (load_file(d / "adapter_model.safetensors") for d in (ours_dir, peft_dir))
+    assert {k: tuple(v.shape) for k, v in ours_w.items()} == {k: tuple(v.shape) for k, v in peft_w.items()}
+    assert ours_w["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 128)  # (r, in)
+    assert ours_w["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (384, 4)  # (out, r)
+    assert ours_w["base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight"].shape == (4, 512)
+
+
+def test_our_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(gpt2, ours_adapter, peft_adapter):
+    ours_model, ours_dir = ours_adapter
+    ids = _ids(ours_model.config.vocab_size)
+    theirs = PeftModel.from_pretrained(transformers_nf4(gpt2), ours_dir).eval()
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours_model.eval(), ids), atol=1e-5, rtol=1e-5)
+
+    peft_model, peft_dir = peft_adapter
+    ours = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
+    plain = _logits(ours, ids)
+    load_adapter_into(ours, peft_dir)
+    got = _logits(ours, ids)
+    torch.testing.assert_close(got, _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the adapter changes the output: the comparison means something
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # PEFT over a dense Conv1D: it fixes it
+@pytest.mark.parametrize("into", ["dequantized", "original"])
+def test_merge_keeps_conv1d_layout_and_gives_base_plus_adapter_logits(gpt2, ours_adapter, tmp_path, into):
+    model, adapter = ours_adapter
+    out = merge(gpt2, adapter, tmp_path / "merged", dtype="fp32", into=into, compute_dtype="fp32", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert isinstance(merged.transformer.h[0].attn.c_proj, Conv1D)
+    ids = _ids(merged.config.vocab_size)
+    if into == "dequantized":
+        reference = model.eval()  # the quantized base + adapter that was trained
+    else:  # the unquantized base + the adapter, through PEFT's own Conv1D (fan_in_fan_out) path
+        dense = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
+        reference = PeftModel.from_pretrained(dense, adapter).eval()
+    torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
+
+    # each weight in the checkpoint's (in, out) layout: merged - base == (scale * B @ A).T, the square c_proj too
+    base = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
+    layer = lora_modules(model)["transformer.h.1.attn.c_proj"]
+    delta = merged.transformer.h[1].attn.c_proj.weight - base.transformer.h[1].attn.c_proj.weight
+    assert delta.shape == (128, 128)
+    if into == "original":
+        torch.testing.assert_close(delta, layer.delta_weight().T.detach(), atol=1e-5, rtol=1e-4)
+    assert merged.transformer.h[0].attn.c_attn.weight.shape == (128, 384)
+
+
+def test_generate_decodes_with_the_kv_cache_on_gpt2(ours_adapter):
+    model, _ = ours_adapter
+    model.eval()
+    prompt = [5, 17, 33, 2]
+    got = generate_ids(model, prompt, max_new_tokens=6, eos=set())
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):  # no cache: the whole sequence every step
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+
+
+def test_generate_and_inspect_commands_on_gpt2(gpt2, ours_adapter, capsys):
+    _, adapter = ours_adapter
+    assert main(["generate", "--base", str(gpt2), "--adapter", str(adapter), "--prompt", "the cat",
+                 "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert main(["inspect", str(adapter), "--base", str(gpt2), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "c_attn" in out and "c_fc" in out
