@@ -200,17 +200,9 @@ def write_adapter_files(model: nn.Module, folder: Path, *, base_model_name_or_pa
     if classifier is not None:
         ours["classifier"] = classifier  # label names and pad id of a SEQ_CLS adapter
     safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    ours["weights_sha256"] = _file_sha256(folder / WEIGHTS_FILE)  # safetensors has no checksum of its own
+    ours["weights_sha256"] = atomic.file_sha256(folder / WEIGHTS_FILE)  # safetensors has no checksum of its own
     _write_json(folder / CONFIG_FILE, config)
     _write_json(folder / OURS_FILE, ours)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights_checksum(adapter: Adapter) -> None:
@@ -220,7 +212,7 @@ def verify_weights_checksum(adapter: Adapter) -> None:
     if adapter.weights_sha256 is None or adapter.path is None:
         return
     file = adapter.path / WEIGHTS_FILE
-    if _file_sha256(file) != adapter.weights_sha256:
+    if atomic.file_sha256(file) != adapter.weights_sha256:
         raise UserError(f"{file}: checksum mismatch with {OURS_FILE}: the weights are corrupt or were changed after "
                         f"they were saved; save or copy the adapter again (if you changed them on purpose, delete "
                         f"{OURS_FILE}, which also turns off the check of the base model)")

@@ -8,6 +8,7 @@ a crash leaves at most a `.tmp-*` sibling, never a half-written final folder.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import ctypes.util
 import errno
 import os
@@ -29,6 +30,15 @@ def fsync_path(path: Path) -> None:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (safetensors and torch.save files carry no checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_folder(final: Path, write: Callable[[Path], None], expected_bytes: int | None = None) -> Path:

@@ -30,14 +30,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 PREFIX = "step-"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ RNG states
 
 def rng_state() -> dict:
@@ -77,7 +69,7 @@ def save_checkpoint(out: Path, step: int, write_adapter: Callable[[Path], None],
         write_adapter(folder)  # adapter_config.json + adapter_model.safetensors (+ qlora_trainer.json)
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
         files = sorted(p.name for p in folder.iterdir() if p.is_file())
-        checksums = {name: sha256(folder / name) for name in files}
+        checksums = {name: atomic.file_sha256(folder / name) for name in files}
         content = {**state, "step": step, "checksums": checksums}
         (folder / STATE_FILE).write_text(json.dumps({**content, "state_sha256": _state_digest(content)}),
                                          encoding="utf-8")
@@ -134,7 +126,7 @@ def verify_checkpoint(folder: Path) -> dict:
         file = folder / name
         if not file.is_file():
             raise UserError(f"{file}: missing from the checkpoint")
-        if sha256(file) != digest:
+        if atomic.file_sha256(file) != digest:
             raise UserError(f"{file}: checksum mismatch (the file is corrupt or was changed)")
     return state
 

@@ -147,14 +147,6 @@ def _exact_cpu_nf4(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def gradient_checkpointing(model) -> None:
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 # ------------------------------------------------------------------------------------------ the two trainers
 
 class Ours:
@@ -196,7 +188,7 @@ class Baseline:
     def __init__(self, base, rank: int, lora_init: dict | None):
         from peft import LoraConfig, get_peft_model
 
-        gradient_checkpointing(base)
+        enable_checkpointing(base)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
                             task_type="CAUSAL_LM")
         self.model = get_peft_model(base, config)

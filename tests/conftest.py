@@ -3,7 +3,11 @@
 Token ids are fixed by VOCAB, so tests can write expected ids by hand: ids("<s> hi </s>") == [1, ..., 2].
 """
 
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 CHAT_TEMPLATE = (  # Llama-3 style: starts with the BOS, assistant turns end with the EOS
     "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}<|sep|>{{ m['content'] }}"
@@ -49,3 +53,22 @@ def tok():
 def tok_pad_eos():
     """GPT-2/Qwen-like: pad token is the EOS, no BOS added, a chat template without BOS."""
     return make_tokenizer(use_bos=False, pad_is_eos=True, chat_template=CHAT_TEMPLATE.replace("{{ bos_token }}", ""))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: a second thread gains nothing, and on a busy machine OpenMP's spinning threads make every
+    step many times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Path:
+    """A random tiny GPT-2 (2 layers, bf16, sharded) made by the asset script."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_tiny_gpt2 import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "m", n_docs=300, n_layer=2, max_shard_size="150KB")

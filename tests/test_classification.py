@@ -6,7 +6,6 @@ classifier learns the bundled task."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,25 +27,11 @@ from qlora_trainer.merge import merge
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = REPO / "assets" / "tiny-llama"
-sys.path.insert(0, str(REPO / "scripts"))
-from make_tiny_gpt2 import make_tiny_gpt2  # noqa: E402
 
 NAMES = ["negative", "neutral", "positive"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These matrices are tiny: a second thread gains nothing, and on a busy machine OpenMP's spinning threads
-    make every step many times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory) -> Path:
-    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "m", n_docs=300, n_layer=2, max_shard_size="150KB")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

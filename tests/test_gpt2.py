@@ -5,7 +5,6 @@ checkpoint's own layout for both --into targets, generate and inspect."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,28 +24,11 @@ from qlora_trainer.merge import merge
 from tests.tiny_models import transformers_nf4
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from make_tiny_gpt2 import make_tiny_gpt2  # noqa: E402
 
 CONV1D_KINDS = {"c_attn", "c_proj", "c_fc"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These matrices are tiny: a second thread gains nothing, and on a busy machine OpenMP's spinning threads
-    make every step many times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory) -> Path:
-    """A random tiny GPT-2 (2 layers, bf16, sharded) made by the asset script."""
-    path = make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "m", n_docs=300, n_layer=2, max_shard_size="150KB")
-    assert len(list(path.glob("model-*.safetensors"))) >= 3
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(vocab: int, seed: int = 0) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from qlora_trainer import checkpoint as ckpt
-from qlora_trainer import cli, lock
+from qlora_trainer import atomic, cli, lock
 from qlora_trainer import train as train_mod
 from qlora_trainer.adapter import read_adapter, save_adapter
 from qlora_trainer.config import ModelConfig, load_config
@@ -566,7 +566,7 @@ def test_a_pickle_payload_in_optimizer_state_is_refused_without_running(finished
     folder, marker = ckpt.checkpoint_dir(run, 4), tmp_path / "payload-ran"
     with open(folder / ckpt.OPTIMIZER_FILE, "wb") as f:
         pickle.dump({"state": {}, "param_groups": [_Payload(marker)]}, f)
-    _rewrite_state(folder, lambda s: s["checksums"].update({ckpt.OPTIMIZER_FILE: ckpt.sha256(folder / "optimizer.pt")}))
+    _rewrite_state(folder, lambda s: s["checksums"].update({ckpt.OPTIMIZER_FILE: atomic.file_sha256(folder / "optimizer.pt")}))
     ckpt.verify_checkpoint(folder)  # the checksums were forged to match: only weights_only stands in the way
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(UserError, match=rf"{folder / 'optimizer.pt'}: cannot restore the optimizer state"):
