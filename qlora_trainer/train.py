@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from qlora_trainer import atomic, classify, lock
 from qlora_trainer import checkpoint as ckpt
+from qlora_trainer.adapter import base_fingerprint, read_adapter, save_adapter, write_adapter_files
 from qlora_trainer.config import RunConfig, load_config, save_config
 from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
 from qlora_trainer.errors import UserError
@@ -31,6 +32,7 @@ from qlora_trainer.loading import load_quantized, read_config, resolve_model_dir
 from qlora_trainer.lora import apply_lora, lora_state_dict, trainable_parameter_summary
 from qlora_trainer.loss import CausalLMLoss
 from qlora_trainer.quant import make_optimizer
+from qlora_trainer.spectrum import model_spectra, verdict
 
 SPIKE_FACTOR = 3.0  # a loss this many times the recent average is reported as a spike
 
@@ -267,27 +269,19 @@ def _train(cfg: RunConfig, out: Path, run_lock: lock.RunLock, *, progress: bool,
             saver(done, optimizer, skipped)
     bar.close()
 
-    from qlora_trainer.adapter import save_adapter
-
     save_adapter(model, out / "adapter", **_adapter_kwargs(cfg, model))
     plot_losses(history, out / "loss.png")
-    from qlora_trainer.spectrum import model_spectra, verdict
-
     log(f"adapter rank: {verdict(model_spectra(model))}; details: qlora-trainer inspect {out / 'adapter'}")
     return TrainResult(out, cfg.train.max_steps, loss, eval_loss, skipped, history, eval_metrics)
 
 
 def _adapter_kwargs(cfg: RunConfig, model) -> dict:
-    from qlora_trainer.adapter import base_fingerprint
-
     task = classify.adapter_settings(model) if cfg.model.task == "classification" else {}
     return dict(base_model_name_or_path=str(cfg.model.path), r=cfg.lora.r, alpha=cfg.lora.alpha,
                 dropout=cfg.lora.dropout, use_rslora=cfg.lora.use_rslora, fingerprint=base_fingerprint(model), **task)
 
 
 def _checkpoint_writer(cfg: RunConfig, model):
-    from qlora_trainer.adapter import write_adapter_files
-
     kwargs = _adapter_kwargs(cfg, model)
 
     def write(step: int, optimizer, skipped: int) -> Path:
@@ -299,8 +293,6 @@ def _checkpoint_writer(cfg: RunConfig, model):
 
 
 def _resume(out: Path, model, optimizer, log) -> tuple[int, int]:
-    from qlora_trainer.adapter import read_adapter
-
     found = ckpt.latest_checkpoint(out, warn=log)
     if found is None:
         log(f"resume: no complete checkpoint in {out / 'checkpoints'}: starting from step 0")
