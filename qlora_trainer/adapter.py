@@ -15,8 +15,6 @@ that exists is complete, and an older adapter at the same path survives any fail
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import math
 import os
@@ -28,29 +26,17 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import __version__, atomic
 from qlora_trainer.errors import UserError
-from qlora_trainer.lora import LoRALinear, apply_lora, linear_module_names, lora_modules, lora_scale
+from qlora_trainer.fingerprint import base_fingerprint, fingerprint_differences, linear_shapes
+from qlora_trainer.lora import LoRALinear, apply_lora, lora_modules, lora_scale
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 OURS_FILE = "qlora_trainer.json"
 PREFIX = "base_model.model."  # PEFT's path to the wrapped model: PeftModel.base_model (LoraModel).model
-FINGERPRINT_FORMAT = 1
-
-# Config fields that say which base this is: shapes, and what the layers compute. Not dtype, paths, versions,
-# max_position_embeddings (context-extended copies of a base are the same base) or generation settings.
-FINGERPRINT_FIELDS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "rms_norm_eps", "layer_norm_eps",
-    "rope_parameters", "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "sliding_window", "n_embd", "n_layer", "n_head", "n_inner", "activation_function", "layer_norm_epsilon",
-)
-
-
 @dataclass
 class Adapter:
     config: dict  # the adapter_config.json content
@@ -78,86 +64,17 @@ class Adapter:
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
-def base_fingerprint(model_or_config: nn.Module | PretrainedConfig | str | os.PathLike) -> dict:
-    """What identifies a base for an adapter: architecture, the config fields that fix shapes and compute
-    (with a hash of them), and the (out, in) shape of every linear layer LoRA may wrap.
-
-    Takes a model (with or without LoRA applied), its config, or a model folder (built on the meta device)."""
-    if isinstance(model_or_config, nn.Module):
-        model, config = model_or_config, model_or_config.config
-    else:
-        config = model_or_config
-        if not isinstance(config, PretrainedConfig):
-            from qlora_trainer.loading import read_config, resolve_model_dir
-
-            config = read_config(resolve_model_dir(config))
-        from qlora_trainer.loading import build_empty_model
-
-        model = build_empty_model(copy.deepcopy(config))
-    raw = config.to_dict()
-    fields = {key: raw[key] for key in FINGERPRINT_FIELDS if key in raw}
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return {
-        "format": FINGERPRINT_FORMAT,
-        "architecture": config.model_type,
-        "config": fields,
-        "config_hash": hashlib.sha256(canonical.encode()).hexdigest(),
-        "modules": {name: list(shape) for name, shape in _linear_shapes(model).items()},
-    }
-
-
-def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{module path: (out, in)} of every linear LoRA may wrap; a wrapped layer counts under its own path."""
-    shapes = {}
-    wrapped = lora_modules(model)
-    for name, layer in wrapped.items():
-        shapes[name] = (layer.out_features, layer.in_features)
-    for name in linear_module_names(model):
-        parent, _, last = name.rpartition(".")
-        if last == "base" and parent in wrapped:
-            continue
-        module = model.get_submodule(name)
-        if isinstance(module, Conv1D):
-            shapes[name] = (module.weight.shape[1], module.weight.shape[0])  # Conv1D stores (in, out)
-        else:
-            shapes[name] = (module.out_features, module.in_features)
-    return dict(sorted(shapes.items()))
-
-
 def check_base_fingerprint(adapter: Adapter, model_or_config) -> None:
     """UserError if `adapter` (ours) was trained on a base other than `model_or_config` (a model, a config or a
     model folder). Adapters without a fingerprint (PEFT's) pass: check their shapes instead."""
     if adapter.fingerprint is None:
         return
-    diffs = _fingerprint_differences(adapter.fingerprint, base_fingerprint(model_or_config))
+    diffs = fingerprint_differences(adapter.fingerprint, base_fingerprint(model_or_config))
     if diffs:
         where = adapter.path / OURS_FILE if adapter.path is not None else OURS_FILE
         raise UserError(f"{where}: this adapter was trained on a different base model "
                         f"({adapter.config.get('base_model_name_or_path')}): {'; '.join(diffs)}. "
                         "Load it over the base it was trained on")
-
-
-def _fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between the base an adapter was trained on and this one ([] if the same)."""
-    diffs = []
-    if saved.get("architecture") != current["architecture"]:
-        diffs.append(f"architecture {saved.get('architecture')} (adapter) vs {current['architecture']} (this base)")
-    saved_config = saved.get("config", {})
-    if saved.get("config_hash") != current["config_hash"]:
-        # Compare field by field: a field only one side has is a transformers-version difference, not a
-        # different model.
-        for key in sorted(set(saved_config) & set(current["config"])):
-            if saved_config[key] != current["config"][key]:
-                diffs.append(f"{key}={saved_config[key]!r} (adapter) vs {current['config'][key]!r} (this base)")
-    saved_modules, modules = saved.get("modules", {}), current["modules"]
-    missing = [m for m in saved_modules if m not in modules]
-    if missing:
-        diffs.append(f"{len(missing)} linear layer(s) missing from this base, e.g. {missing[0]}")
-    for name, shape in saved_modules.items():
-        if name in modules and list(shape) != list(modules[name]):
-            diffs.append(f"{name} is {tuple(shape)} (out, in) in the adapter's base vs {tuple(modules[name])} here")
-            break
-    return diffs
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -271,7 +188,7 @@ def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
     """Short names ("q_proj") as PEFT writes them, sorted; a short name whose layers were only partly wrapped
     is written as the full paths instead, so that PEFT wraps exactly the layers we trained."""
     wrapped_set = set(wrapped)
-    candidates = set(_linear_shapes(model))
+    candidates = set(linear_shapes(model))
     targets = []
     for short in sorted({name.rsplit(".", 1)[-1] for name in wrapped}):
         every = {n for n in candidates if n.rsplit(".", 1)[-1] == short}
@@ -518,7 +435,7 @@ def _check_task(model: nn.Module, adapter: Adapter, file: Path) -> None:
 
 
 def _check_shapes(model: nn.Module, adapter: Adapter, file: Path) -> None:
-    shapes = _linear_shapes(model)
+    shapes = linear_shapes(model)
     for name, (A, B) in adapter.weights.items():
         if name not in shapes:
             raise UserError(f"{file}: has LoRA weights for {name}, which this base model has no linear layer "

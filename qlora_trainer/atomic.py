@@ -8,14 +8,16 @@ a crash leaves at most a `.tmp-*` sibling, never a half-written final folder.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import ctypes.util
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from qlora_trainer.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 
@@ -88,8 +90,6 @@ def human_bytes(n: float) -> str:
 
 def disk_full_error(target: Path, err: OSError, expected_bytes: int | None = None, written: int = 0) -> UserError:
     """The one-line message for a write into `target` that ran out of disk space or quota."""
-    from qlora_trainer.errors import UserError
-
     target = Path(target)
     needed = (f"it needs about {human_bytes(expected_bytes)}" if expected_bytes
               else f"it needs more than the {human_bytes(written)} written before the disk filled")

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from qlora_trainer.adapter import load_adapter_into
 from qlora_trainer.errors import UserError
-from qlora_trainer.loading import DTYPES, load_quantized, resolve_model_dir
+from qlora_trainer.loading import load_quantized, resolve_model_dir
 
 Message = dict[str, str]
 
