@@ -184,6 +184,16 @@ def load_lora_init(model, init: dict) -> None:
             m.lora_B.copy_(init[name][1])
 
 
+def load_peft_lora_init(peft_model, init: dict) -> None:
+    """Copy {module path: (A, B)} into a PEFT model's "default" adapter."""
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name, (a, b) in init.items():
+            layer = inner.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+
+
 class Baseline:
     def __init__(self, base, rank: int, lora_init: dict | None):
         from peft import LoraConfig, get_peft_model
@@ -193,12 +203,7 @@ class Baseline:
                             task_type="CAUSAL_LM")
         self.model = get_peft_model(base, config)
         if lora_init is not None:
-            inner = self.model.base_model.model
-            with torch.no_grad():
-                for name, (a, b) in lora_init.items():
-                    layer = inner.get_submodule(name)
-                    layer.lora_A["default"].weight.copy_(a)
-                    layer.lora_B["default"].weight.copy_(b)
+            load_peft_lora_init(self.model, lora_init)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
@@ -284,12 +289,7 @@ def fresh_state(trainer, init: dict) -> None:
     if isinstance(trainer, Ours):
         load_lora_init(trainer.model, init)
     else:
-        inner = trainer.model.base_model.model
-        with torch.no_grad():
-            for name, (a, b) in init.items():
-                layer = inner.get_submodule(name)
-                layer.lora_A["default"].weight.copy_(a)
-                layer.lora_B["default"].weight.copy_(b)
+        load_peft_lora_init(trainer.model, init)
     trainer.optimizer.state.clear()
 
 
