@@ -24,13 +24,11 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from qlora_trainer import atomic, quant
@@ -38,6 +36,7 @@ from qlora_trainer.adapter import (Adapter, check_base_fingerprint, load_adapter
                                    verify_weights_checksum)
 from qlora_trainer.classify import num_labels_of_adapter, write_merged_config
 from qlora_trainer.errors import UserError
+from qlora_trainer.shards import ShardWriter, header_entries, itemsize, parse_size, shard_name
 from qlora_trainer.loading import (DTYPES, checkpoint_key_to_param, expected_shapes, return_freed_memory_to_os,
                                    build_empty_model, checkpoint_files, is_other_task_head, read_config,
                                    resolve_model_dir, stream_tensors, swap_in_nf4_linears)
@@ -53,10 +52,6 @@ COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "
           "chat_template.json")
 COPIED_GLOBS = ("*.tiktoken", "additional_chat_templates/*")
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -104,47 +99,7 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.out_dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB', '500MB', '150KB', '2GiB' or a number of bytes -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", size.upper())
-    if not match:
-        raise UserError(f"--max-shard-size {size!r}: use a size like 5GB, 500MB or 150KB")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit or " "))
-
-
-def _header_entries(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every checkpoint tensor, from the safetensors headers (no tensor data is read)."""
-    by_file: dict[Path, list[str]] = {}
-    for key, file in files.items():
-        by_file.setdefault(file, []).append(key)
-    out = {}
-    for file, keys in by_file.items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                present = set(f.keys())
-                for key in keys:
-                    if key not in present:
-                        raise UserError(f"{file}: the index names tensor {key!r}, but this shard does not hold it")
-                    view = f.get_slice(key)
-                    dtype = view.get_dtype()
-                    if dtype not in _ST_DTYPES:
-                        raise UserError(f"{file}: tensor {key!r} has dtype {dtype}, which we cannot merge")
-                    out[key] = (tuple(view.get_shape()), _ST_DTYPES[dtype])
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{file}: not a readable safetensors file ({err}): the download may be incomplete") \
-                from None
-    return out
+        return math.prod(self.shape) * itemsize(self.out_dtype)
 
 
 def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch.dtype | None,
@@ -158,7 +113,7 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
     expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
     files = checkpoint_files(model_dir)
-    headers = _header_entries(files)
+    headers = header_entries(files)
 
     entries, by_param = [], {}
     by_file: dict[Path, list[str]] = {}  # shard by shard, in the order stream_tensors reads them
@@ -224,43 +179,6 @@ def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-class _ShardWriter:
-    """A safetensors file written in two steps: the header (all offsets known from the plan), then each tensor's
-    bytes in order as it is produced. Only the tensor being written is ever in memory."""
-
-    def __init__(self, path: Path, entries: list[_Entry]):
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for entry in entries:
-            header[entry.key] = {"dtype": _ST_NAMES[entry.out_dtype], "shape": list(entry.shape),
-                                 "data_offsets": [offset, offset + entry.nbytes]}
-            offset += entry.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors itself writes it
-        self.path, self.order, self.written = path, [e.key for e in entries], 0
-        self.size = 8 + len(raw) + offset
-        self.file = open(path, "wb")
-        self.file.write(len(raw).to_bytes(8, "little"))
-        self.file.write(raw)
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        assert key == self.order[self.written], (key, self.order[self.written])
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian, as on disk
-        self.file.write(memoryview(data))
-        self.written += 1
-
-    def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        if self.written != len(self.order) or self.path.stat().st_size != self.size:
-            raise RuntimeError(f"{self.path}: incomplete shard ({self.written}/{len(self.order)} tensors)")
-
-
-def _shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
 
 def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: torch.dtype, progress: bool):
     """Yield (entry, output tensor) in checkpoint order, reading one base tensor at a time."""
@@ -387,8 +305,8 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
         merged = _merged_tensors(entries, adapter_obj, into, compute, progress)
         weight_map = {}
         for i, shard in enumerate(shards):
-            name = _shard_name(i, len(shards))
-            writer = _ShardWriter(tmp / name, shard)
+            name = shard_name(i, len(shards))
+            writer = ShardWriter(tmp / name, [(e.key, e.shape, e.out_dtype) for e in shard])
             try:
                 for _ in shard:
                     entry, tensor = next(merged)

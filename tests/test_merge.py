@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer import merge as merge_mod
+from qlora_trainer import shards
 from qlora_trainer.adapter import load_adapter_into
 from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
@@ -193,7 +193,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 def test_a_failure_midway_leaves_no_output_folder(adapter_all, tmp_path, monkeypatch):
     calls = []
-    real = merge_mod._ShardWriter.write
+    real = shards.ShardWriter.write
 
     def failing(self, key, tensor):
         calls.append(key)
@@ -201,7 +201,7 @@ def test_a_failure_midway_leaves_no_output_folder(adapter_all, tmp_path, monkeyp
             raise OSError("disk full")
         return real(self, key, tensor)
 
-    monkeypatch.setattr(merge_mod._ShardWriter, "write", failing)
+    monkeypatch.setattr(shards.ShardWriter, "write", failing)
     with pytest.raises(OSError, match="disk full"):
         merge(ASSET, adapter_all, tmp_path / "out", max_shard_size="300KB", progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder

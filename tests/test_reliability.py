@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from qlora_trainer import checkpoint as ckpt
-from qlora_trainer import atomic, cli, lock
+from qlora_trainer import atomic, cli, lock, shards
 from qlora_trainer import train as train_mod
 from qlora_trainer.adapter import read_adapter, save_adapter
 from qlora_trainer.config import ModelConfig, load_config
@@ -501,9 +501,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(ws, tmp_path, monk
 
 
 def test_full_disk_during_a_merge_leaves_no_output(ws, tmp_path, monkeypatch, capsys):
-    from qlora_trainer import merge as merge_mod
-
-    real_write, calls = merge_mod._ShardWriter.write, []
+    real_write, calls = shards.ShardWriter.write, []
 
     def write(self, key, tensor):
         calls.append(key)
@@ -511,7 +509,7 @@ def test_full_disk_during_a_merge_leaves_no_output(ws, tmp_path, monkeypatch, ca
             raise _enospc(str(self.path))
         return real_write(self, key, tensor)
 
-    monkeypatch.setattr(merge_mod._ShardWriter, "write", write)
+    monkeypatch.setattr(shards.ShardWriter, "write", write)
     code, _, err = run_cli(["merge", "--base", str(TINY), "--adapter", str(ws["adapter"]), "--out",
                             str(tmp_path / "merged"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1
