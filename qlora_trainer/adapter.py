@@ -1,16 +1,9 @@
-"""Adapters in PEFT's layout, so PEFT, vLLM and TGI load what we train and we load what PEFT trains.
+"""Adapters in PEFT's layout: read and check one (ours or PEFT's), load it into a model, save a model's LoRA layers.
 
-    adapter/
-        adapter_config.json         peft_type LORA, r, lora_alpha, target_modules, ... (the keys PEFT writes)
-        adapter_model.safetensors   base_model.model.<module path>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32
-        qlora_trainer.json          ours: a fingerprint of the base the adapter was trained on, the compute dtype
-
-Our record lives in its own file, not in adapter_config.json: PEFT (0.21) does accept an unknown key there, but
-only through its forward-compatibility fallback, which warns "Unexpected keyword arguments ... upgrade PEFT"
-on every load; older PEFT releases without that fallback raise a TypeError instead. Loaders ignore other files.
-
-A folder is written into a temporary sibling, every file fsynced, then renamed into place: an adapter folder
-that exists is complete, and an older adapter at the same path survives any failure while writing.
+The files themselves are written by peft_layout.py from plain data. Every read is validated, and every problem
+is a UserError naming the file. A folder is written into a temporary sibling, every file fsynced, then renamed
+into place: an adapter folder that exists is complete, and an older adapter at the same path survives any
+failure while writing.
 """
 
 from __future__ import annotations
@@ -22,25 +15,27 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer import __version__, atomic
+from qlora_trainer import atomic
 from qlora_trainer.errors import UserError
 from qlora_trainer.fingerprint import base_fingerprint, fingerprint_differences, linear_shapes
-from qlora_trainer.lora import LoRALinear, apply_lora, lora_modules, lora_scale
+from qlora_trainer.lora import apply_lora, lora_modules, lora_scale, matches_target
+from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, ALL_LINEAR,
+                                 DTYPE_NAMES, PEFT_TASK_TYPES, CAUSAL_LM, CLASSIFICATION, dtype_name)
+from qlora_trainer.peft_layout import PREFIX, Factors, adapter_record, peft_config, write_adapter_files
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-OURS_FILE = "qlora_trainer.json"
-PREFIX = "base_model.model."  # PEFT's path to the wrapped model: PeftModel.base_model (LoraModel).model
+CONFIG_FILE, WEIGHTS_FILE, OURS_FILE = ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ADAPTER_RECORD_FILE
+SEQ_CLS = PEFT_TASK_TYPES[CLASSIFICATION]
+
+
 @dataclass
 class Adapter:
     config: dict  # the adapter_config.json content
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r)), fp32
+    weights: Factors  # module path -> (A (r, in), B (out, r)), fp32
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
     extra: dict[str, torch.Tensor]  # modules_to_save tensors keyed by our parameter name; {} for a causal LM
     fingerprint: dict | None = None  # the base it was trained on (qlora_trainer.json); None for PEFT's adapters
@@ -61,127 +56,60 @@ class Adapter:
     def use_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))
 
+    @property
+    def task(self) -> str:
+        """Our task name: classification for PEFT's SEQ_CLS, else causal_lm."""
+        return CLASSIFICATION if self.config.get("task_type") == SEQ_CLS else CAUSAL_LM
 
-# ------------------------------------------------------------------------------------------ fingerprint
-
-def check_base_fingerprint(adapter: Adapter, model_or_config) -> None:
-    """UserError if `adapter` (ours) was trained on a base other than `model_or_config` (a model, a config or a
-    model folder). Adapters without a fingerprint (PEFT's) pass: check their shapes instead."""
-    if adapter.fingerprint is None:
-        return
-    diffs = fingerprint_differences(adapter.fingerprint, base_fingerprint(model_or_config))
-    if diffs:
-        where = adapter.path / OURS_FILE if adapter.path is not None else OURS_FILE
-        raise UserError(f"{where}: this adapter was trained on a different base model "
-                        f"({adapter.config.get('base_model_name_or_path')}): {'; '.join(diffs)}. "
-                        "Load it over the base it was trained on")
+    def file(self, name: str) -> Path:
+        """One of the adapter's files, for messages."""
+        return self.path / name if self.path is not None else Path(name)
 
 
 # ------------------------------------------------------------------------------------------ save
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, **settings) -> Path:
-    """Write the model's LoRA layers as a PEFT adapter folder, atomically (see write_adapter_files for the
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
+                 task_type: str = PEFT_TASK_TYPES[CAUSAL_LM], modules_to_save: list[str] | None = None,
+                 classifier: dict | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter folder, atomically (see write_model_adapter for the
     settings). An existing adapter at out_dir is replaced only once the new one is complete."""
     final = Path(out_dir)
-    if final.exists() and not _replaceable(final):
+    if final.exists() and not replaceable(final):
         raise UserError(f"{final}: exists and is not an adapter folder; refusing to replace it: "
                         "choose another output path or remove it")
-    return atomic.write_folder(final, lambda folder: write_adapter_files(model, folder, **settings))
+    settings = dict(base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                    modules_to_save=modules_to_save, classifier=classifier)
+    return atomic.write_folder(final, lambda folder: write_model_adapter(model, folder, **settings))
 
 
-def write_adapter_files(model: nn.Module, folder: Path, *, base_model_name_or_path: str, r: int, alpha: float,
-                        dropout: float, use_rslora: bool = False, task_type: str = "CAUSAL_LM",
-                        fingerprint: dict | None = None, extra_config: dict | None = None,
+def write_model_adapter(model: nn.Module, folder: Path, *, base_model_name_or_path: str,
+                        task_type: str = PEFT_TASK_TYPES[CAUSAL_LM], modules_to_save: list[str] | None = None,
                         classifier: dict | None = None) -> None:
-    """The model's LoRA layers (and any modules_to_save named in extra_config) as adapter_config.json,
-    adapter_model.safetensors and qlora_trainer.json in an existing folder. `fingerprint` defaults to
-    base_fingerprint(model)."""
+    """The model's LoRA layers (r, alpha, dropout and rsLoRA read from the layers), the parameters of the modules
+    named in modules_to_save (a classifier's head), the base fingerprint and the compute dtype, as adapter files in
+    an existing folder. `classifier`: the label names and pad id a SEQ_CLS adapter records."""
     layers = lora_modules(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save: call apply_lora first")
-    for name, layer in layers.items():
-        if (layer.r, layer.alpha, layer.use_rslora) != (r, alpha, use_rslora):
-            raise ValueError(f"{name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora}, "
-                             f"but save_adapter was given r={r}, alpha={alpha}, use_rslora={use_rslora}")
-    config = _peft_config(model, layers, base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha,
-                          dropout=dropout, use_rslora=use_rslora, task_type=task_type)
-    config.update(extra_config or {})
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = _to_saved(layer.lora_A)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = _to_saved(layer.lora_B)
-    for name, value in _modules_to_save_state(model, config.get("modules_to_save")).items():
-        tensors[PREFIX + name] = _to_saved(value)
-    ours = {"version": __version__, "compute_dtype": _compute_dtype_name(model),
-            "base_fingerprint": fingerprint if fingerprint is not None else base_fingerprint(model)}
-    if classifier is not None:
-        ours["classifier"] = classifier  # label names and pad id of a SEQ_CLS adapter
-    safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    ours["weights_sha256"] = atomic.file_sha256(folder / WEIGHTS_FILE)  # safetensors has no checksum of its own
-    _write_json(folder / CONFIG_FILE, config)
-    _write_json(folder / OURS_FILE, ours)
+    settings = {(layer.r, layer.alpha, layer.dropout_p, layer.use_rslora) for layer in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+                         "PEFT's layout holds one setting for all")
+    (r, alpha, dropout, use_rslora), = settings
+    config = peft_config(base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
+                         use_rslora=use_rslora, task_type=task_type, target_modules=_target_modules(model, list(layers)),
+                         fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()),
+                         modules_to_save=modules_to_save)
+    weights = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+    record = adapter_record(compute_dtype=_compute_dtype_name(model), fingerprint=base_fingerprint(model),
+                            classifier=classifier)
+    write_adapter_files(folder, weights, config=config, extra=_modules_to_save_state(model, modules_to_save),
+                        record=record)
 
 
-def verify_weights_checksum(adapter: Adapter) -> None:
-    """UserError if adapter_model.safetensors is not the file our save wrote (a flipped bit in a weight parses
-    fine and would load silently). Adapters without the record (PEFT's, older ones) pass. Called after the
-    structural and shape checks, so that those name what is wrong when they can."""
-    if adapter.weights_sha256 is None or adapter.path is None:
-        return
-    file = adapter.path / WEIGHTS_FILE
-    if atomic.file_sha256(file) != adapter.weights_sha256:
-        raise UserError(f"{file}: checksum mismatch with {OURS_FILE}: the weights are corrupt or were changed after "
-                        f"they were saved; save or copy the adapter again (if you changed them on purpose, delete "
-                        f"{OURS_FILE}, which also turns off the check of the base model)")
-
-
-def _peft_config(model: nn.Module, layers: dict[str, LoRALinear], *, base_model_name_or_path: str, r: int,
-                 alpha: float, dropout: float, use_rslora: bool, task_type: str) -> dict:
-    """adapter_config.json as peft.LoraConfig(...).save_pretrained writes it (peft 0.21), all keys at PEFT's
-    defaults except ours. peft_version is left out: PEFT fills it in on load, and we are not PEFT."""
-    return {
-        "alora_invocation_tokens": None,
-        "alpha_pattern": {},
-        "arrow_config": None,
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "corda_config": None,
-        "ensure_weight_tying": False,
-        "eva_config": None,
-        "exclude_modules": None,
-        # PEFT sets this for GPT-2's Conv1D (weights stored (in, out)); A/B are (r, in) / (out, r) either way.
-        "fan_in_fan_out": any(isinstance(layer.base, Conv1D) for layer in layers.values()),
-        "inference_mode": True,  # what PeftModel.save_pretrained writes
-        "init_lora_weights": True,
-        "kasa_config": None,
-        "layer_replication": None,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "loftq_config": {},
-        "lora_alpha": alpha,
-        "lora_bias": False,
-        "lora_dropout": dropout,
-        "lora_ga_config": None,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "modules_to_save": None,
-        "monteclora_config": None,
-        "peft_type": "LORA",
-        "qalora_group_size": 16,
-        "r": r,
-        "rank_pattern": {},
-        "revision": None,
-        "target_modules": _target_modules(model, list(layers)),
-        "target_parameters": None,
-        "task_type": task_type,
-        "trainable_token_indices": None,
-        "use_bdlora": None,
-        "use_dora": False,
-        "use_qalora": False,
-        "use_rslora": use_rslora,
-        "velora_config": None,
-    }
+def replaceable(folder: Path) -> bool:
+    """An adapter folder (or an empty one) that a new adapter may replace."""
+    return folder.is_dir() and ((folder / CONFIG_FILE).is_file() or not any(folder.iterdir()))
 
 
 def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
@@ -212,22 +140,7 @@ def _modules_to_save_state(model: nn.Module, modules_to_save: list[str] | None) 
 def _compute_dtype_name(model: nn.Module) -> str | None:
     """The dtype the base weights were cast to before NF4 (loading.py casts, then quantizes): merge needs it to
     reproduce the quantized weights training saw."""
-    dtype = model.get_input_embeddings().weight.dtype
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
-
-
-def _to_saved(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
-
-
-def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-# ------------------------------------------------------------------------------------------ atomic folders
-
-def _replaceable(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / CONFIG_FILE).is_file() or not any(folder.iterdir()))
+    return dtype_name(model.get_input_embeddings().weight.dtype)
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -280,7 +193,7 @@ def _read_config(file: Path) -> dict:
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                           and all(isinstance(t, str) for t in targets))):
         raise bad("target_modules", f"is {targets!r}: expected a list of module names or a regex")
-    if isinstance(targets, str) and targets != "all-linear":
+    if isinstance(targets, str) and targets != ALL_LINEAR:
         try:
             re.compile(targets)
         except re.error as err:
@@ -375,7 +288,7 @@ def _read_ours(file: Path) -> dict:
             or not isinstance(fingerprint.get("config", {}), dict):
         raise UserError(f"{file}: base_fingerprint is missing or malformed: delete {file.name} to load the adapter "
                         "without checking its base")
-    if ours.get("compute_dtype") not in (None, "bf16", "fp16", "fp32"):
+    if ours.get("compute_dtype") not in (None, *DTYPE_NAMES):
         raise UserError(f"{file}: compute_dtype is {ours['compute_dtype']!r}: expected bf16, fp16 or fp32")
     return ours
 
@@ -383,58 +296,100 @@ def _read_ours(file: Path) -> dict:
 def _matches_targets(module: str, targets: str | list[str]) -> bool:
     """PEFT's rule: a regex must match the whole path; a list entry matches the path or its last parts."""
     if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+        return targets == ALL_LINEAR or re.fullmatch(targets, module) is not None
     return _matches_any(module, targets)
 
 
 def _matches_any(module: str, names: list[str]) -> bool:
-    return any(module == n or module.endswith("." + n) for n in names)
+    return any(matches_target(module, n) for n in names)
 
 
-# ------------------------------------------------------------------------------------------ load
+# ------------------------------------------------------------------------------------------ check and load
 
-def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check_base: bool = True) -> Adapter:
-    """apply_lora with the adapter's r/alpha/dropout/targets on a model from load_quantized, and copy A/B in.
-
-    With check_base, an adapter of ours must have been trained on a base with the same fingerprint. Shapes are
-    checked always (an adapter from PEFT has no fingerprint); a mismatch names the module."""
-    if lora_modules(model):
-        raise ValueError("the model already has LoRA layers: load the adapter into a fresh base model")
+def validate(model: nn.Module, adapter_dir: str | os.PathLike, *, check_base: bool = True) -> Adapter:
+    """Read an adapter folder and check it fits `model` (a base from load_quantized): the task (a SEQ_CLS adapter
+    goes on a classifier, any other on a causal LM), the base fingerprint (with check_base; adapters of ours only),
+    every module's shapes (always: an adapter from PEFT has no fingerprint), then the weights' checksum. The first
+    problem is a UserError naming the file and the module."""
     adapter = read_adapter(adapter_dir)
-    folder = Path(adapter_dir)
-    _check_task(model, adapter, folder / CONFIG_FILE)
+    _check_task(model, adapter)
     if check_base:
         check_base_fingerprint(adapter, model)
-    _check_shapes(model, adapter, folder / WEIGHTS_FILE)
+    _check_shapes(model, adapter)
     verify_weights_checksum(adapter)
-    apply_lora(model, list(adapter.weights), r=adapter.r, alpha=adapter.alpha,
-               dropout=float(adapter.config["lora_dropout"]), use_rslora=adapter.use_rslora)
-    layers = lora_modules(model)
-    for layer in layers.values():
-        layer.train(model.training)  # new modules start in training mode: no dropout on an eval model
-    with torch.no_grad():
-        for name, (A, B) in adapter.weights.items():
-            layers[name].lora_A.copy_(A)
-            layers[name].lora_B.copy_(B)
-        for name, value in adapter.extra.items():
-            model.get_parameter(name).copy_(value)
     return adapter
 
 
-def _check_task(model: nn.Module, adapter: Adapter, file: Path) -> None:
-    """A classification (SEQ_CLS) adapter goes on a classifier, any other on a causal LM."""
-    from qlora_trainer.loading import is_classifier
+def check_base_fingerprint(adapter: Adapter, model: nn.Module) -> None:
+    """UserError if `adapter` (ours) was trained on a base other than `model` (loaded, or built on the meta
+    device). Adapters without a fingerprint (PEFT's) pass: check their shapes instead."""
+    if adapter.fingerprint is None:
+        return
+    diffs = fingerprint_differences(adapter.fingerprint, base_fingerprint(model))
+    if diffs:
+        raise UserError(f"{adapter.file(OURS_FILE)}: this adapter was trained on a different base model "
+                        f"({adapter.config.get('base_model_name_or_path')}): {'; '.join(diffs)}. "
+                        "Load it over the base it was trained on")
 
+
+def verify_weights_checksum(adapter: Adapter) -> None:
+    """UserError if adapter_model.safetensors is not the file our save wrote (a flipped bit in a weight parses
+    fine and would load silently). Adapters without the record (PEFT's, older ones) pass. Called after the
+    structural and shape checks, so that those name what is wrong when they can."""
+    if adapter.weights_sha256 is None or adapter.path is None:
+        return
+    file = adapter.file(WEIGHTS_FILE)
+    if atomic.file_sha256(file) != adapter.weights_sha256:
+        raise UserError(f"{file}: checksum mismatch with {OURS_FILE}: the weights are corrupt or were changed after "
+                        f"they were saved; save or copy the adapter again (if you changed them on purpose, delete "
+                        f"{OURS_FILE}, which also turns off the check of the base model)")
+
+
+def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check_base: bool = True) -> Adapter:
+    """validate, then apply_lora with the adapter's r/alpha/dropout/targets on a model from load_quantized, and copy
+    its weights in."""
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA layers: load the adapter into a fresh base model")
+    adapter = validate(model, adapter_dir, check_base=check_base)
+    apply_lora(model, list(adapter.weights), r=adapter.r, alpha=adapter.alpha,
+               dropout=float(adapter.config["lora_dropout"]), use_rslora=adapter.use_rslora)
+    copy_weights_into(model, adapter)
+    return adapter
+
+
+@torch.no_grad()
+def copy_weights_into(model: nn.Module, adapter: Adapter) -> None:
+    """Copy the adapter's A/B into the model's LoRA layers of the same paths, and its fully trained tensors
+    (modules_to_save) into the parameters of the same names. The model's LoRA layers must be exactly the
+    adapter's."""
+    layers = lora_modules(model)
+    if set(adapter.weights) != set(layers):
+        raise ValueError(f"the adapter's LoRA modules ({len(adapter.weights)}) are not the model's ({len(layers)})")
+    for name, (A, B) in adapter.weights.items():
+        layers[name].lora_A.copy_(A)
+        layers[name].lora_B.copy_(B)
+    for name, value in adapter.extra.items():
+        model.get_parameter(name).copy_(value)
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _check_task(model: nn.Module, adapter: Adapter) -> None:
+    """A classification (SEQ_CLS) adapter goes on a classifier, any other on a causal LM."""
+    file = adapter.file(CONFIG_FILE)
     task = adapter.config.get("task_type")
-    if task == "SEQ_CLS" and not is_classifier(model):
+    if task == SEQ_CLS and not _is_classifier(model):
         raise UserError(f"{file}: task_type SEQ_CLS: this is a classification adapter, not a causal LM's; "
                         "use `qlora-trainer classify --base ... --adapter ...` (generate needs a causal-LM adapter)")
-    if is_classifier(model) and task not in (None, "SEQ_CLS"):
+    if _is_classifier(model) and task not in (None, SEQ_CLS):
         raise UserError(f"{file}: task_type {task}: not a classification adapter; load it on a causal LM "
                         "(model.task causal_lm), or train one with model.task classification")
 
 
-def _check_shapes(model: nn.Module, adapter: Adapter, file: Path) -> None:
+def _check_shapes(model: nn.Module, adapter: Adapter) -> None:
+    file = adapter.file(WEIGHTS_FILE)
     shapes = linear_shapes(model)
     for name, (A, B) in adapter.weights.items():
         if name not in shapes:

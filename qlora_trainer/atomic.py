@@ -1,4 +1,4 @@
-"""Folders that appear whole or not at all (adapters, checkpoints, merged models).
+"""Folders and files that appear whole or not at all (adapters, checkpoints, merged models, config.yaml, plots).
 
 Everything is written into a temporary sibling folder; each file and the folder are fsynced, then it is
 renamed into place and the parent is fsynced. A reader that finds the final name finds a complete folder;
@@ -7,8 +7,6 @@ a crash leaves at most a `.tmp-*` sibling, never a half-written final folder.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -17,9 +15,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from qlora_trainer import libc
 from qlora_trainer.errors import UserError
 
 TMP_PREFIX = ".tmp-"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what a full disk or quota raises
 
 
 def fsync_path(path: Path) -> None:
@@ -31,8 +31,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 1 MiB blocks (safetensors and torch.save files carry no checksum)."""
@@ -41,6 +39,27 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_file(final: Path, write: Callable[[Path], None]) -> Path:
+    """The single-file form of write_folder: write(tmp) on a temporary sibling, fsync it, rename it over `final`
+    and fsync the folder. A reader finds the old file or the new one, never part of one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def write_text(final: Path, text: str) -> Path:
+    """write_file for a text file (UTF-8)."""
+    return write_file(final, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_folder(final: Path, write: Callable[[Path], None], expected_bytes: int | None = None) -> Path:
@@ -129,14 +148,5 @@ def _put_in_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old)
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
 def _exchange(a: Path, b: Path) -> bool:
-    try:
-        renameat2 = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
-    except (OSError, AttributeError, TypeError):  # not glibc >= 2.28
-        return False
-    # On failure (a filesystem without RENAME_EXCHANGE) nothing moved: the caller falls back.
-    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return libc.rename_exchange(a, b)

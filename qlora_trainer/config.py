@@ -7,20 +7,18 @@ import dataclasses
 import difflib
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
+from qlora_trainer import atomic
+from qlora_trainer.names import (ALL_LINEAR, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DATA_FORMATS, OPTIMIZERS,
+                                 RUN_CONFIG_FILE, SCHEDULES, TASKS)
 from qlora_trainer.errors import UserError
 
-COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
-TASKS = ("causal_lm", "classification")
-DATA_FORMATS = ("text", "alpaca", "completion", "chat", "classification")
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 REQUIRED_KEYS = ("model.path", "data.path", "out")
 
 
@@ -119,7 +117,7 @@ class _Section:
 class ModelConfig(_Section):
     path: str = None  # required: a local model folder or a hub id already in the local cache
     compute_dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    task: str = "causal_lm"
+    task: str = CAUSAL_LM
     num_labels: typing.Optional[int] = None  # classification only; else from the data
     trust_remote_code: bool = False
     _section = "model"
@@ -136,7 +134,7 @@ class LoraConfig(_Section):
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    targets: typing.Union[str, typing.List[str]] = "all-linear"  # "all-linear" or a list of module names
+    targets: typing.Union[str, typing.List[str]] = ALL_LINEAR  # "all-linear" or a list of module names
     use_rslora: bool = False
     _section = "lora"
 
@@ -144,8 +142,8 @@ class LoraConfig(_Section):
         self._need("r", self.r > 0, "a positive integer", 16)
         self._need("alpha", self.alpha > 0, "positive", 32)
         self._need("dropout", 0 <= self.dropout < 1, "in [0, 1)", 0.05)
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            raise ConfigError("lora.targets", f"lora.targets must be 'all-linear' or a list of module names, "
+        if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+            raise ConfigError("lora.targets", f"lora.targets must be '{ALL_LINEAR}' or a list of module names, "
                                               f"got {self.targets!r}: write lora.targets=[{self.targets}]")
 
 
@@ -220,8 +218,8 @@ class RunConfig:
             raise ConfigError("out", "missing required key 'out' (the run folder): set it or pass out=runs/NAME")
         self.out = _coerce("out", self.out, str)
         self.resume = _coerce("resume", self.resume, bool)
-        if (self.model.task == "classification") != (self.data.format == "classification"):
-            wanted = "classification" if self.model.task == "classification" else "text, alpaca, completion or chat"
+        if (self.model.task == CLASSIFICATION) != (self.data.format == CLASSIFICATION):
+            wanted = CLASSIFICATION if self.model.task == CLASSIFICATION else "text, alpaca, completion or chat"
             raise ConfigError("data.format", f"model.task {self.model.task} needs data.format {wanted}, "
                                              f"got {self.data.format}: make the two agree")
 
@@ -229,13 +227,6 @@ class RunConfig:
 def valid_keys() -> list[str]:
     keys = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
     return keys + ["out", "resume"]
-
-
-def resolve_compute_dtype(compute_dtype: str, on_gpu: bool) -> str:
-    """'auto' -> 'bf16' on GPU, 'fp32' on CPU; anything else unchanged."""
-    if compute_dtype == "auto":
-        return "bf16" if on_gpu else "fp32"
-    return compute_dtype
 
 
 # Names users bring from other tools (PEFT, HF Trainer) -> ours.
@@ -377,20 +368,18 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: RunConfig, path: str) -> None:
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config (defaults + file + overrides) as YAML, atomically; load_config reads it back
     to an equal RunConfig."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config.", suffix=".yaml.tmp")
+    atomic.write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
+
+
+def recorded_compute_dtype(run_dir: Path) -> str | None:
+    """model.compute_dtype of the config.yaml a run wrote into `run_dir` (None if there is none to read)."""
+    file = Path(run_dir) / RUN_CONFIG_FILE
+    if not file.is_file():
+        return None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return yaml.safe_load(file.read_text(encoding="utf-8"))["model"]["compute_dtype"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None

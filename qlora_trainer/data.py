@@ -24,20 +24,24 @@ import os
 import random
 import statistics
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from qlora_trainer.config import DataConfig, RunConfig, load_config
+from qlora_trainer.config import DataConfig
 from qlora_trainer.errors import UserError
+from qlora_trainer.names import CLASSIFICATION, IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from qlora_trainer.base_model import BaseModel
 
 logger = logging.getLogger(__name__)
 
-IGNORE = -100
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_FIELDS = {  # required fields, and the help shown when one is missing
     "text": (("text",), "text"),
     "alpaca": (("instruction", "output"), "instruction, output[, input]"),
     "completion": (("prompt", "completion"), "prompt, completion"),
     "chat": (("messages",), "messages: a list of {role, content}"),
-    "classification": (("text", "label"), "text, label"),
+    CLASSIFICATION: (("text", "label"), "text, label"),
 }
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -194,16 +198,20 @@ def _load_cached_hub_dataset(name: str):
 
 # -------------------------------------------------------------------------------------------- tokenizing
 
-def load_tokenizer(cfg: RunConfig):
-    """AutoTokenizer for model.path: local files only, remote code only if the config allows it."""
+def load_tokenizer(model: str | os.PathLike | BaseModel, *, trust_remote_code: bool = False):
+    """AutoTokenizer of a model folder (or a resolved BaseModel): local files only, remote code only if allowed."""
     from transformers import AutoTokenizer
 
+    from qlora_trainer.base_model import BaseModel  # noqa: F811 (torch-heavy: imported when a tokenizer is loaded)
+
+    path, name = (model.path, model.name) if isinstance(model, BaseModel) else (model, model)
+    if isinstance(model, BaseModel):
+        trust_remote_code = model.trust_remote_code
     try:
-        return AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code,
-                                             local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0]
-        raise UserError(f"cannot load a tokenizer from model.path {cfg.model.path}: {reason}") from err
+        raise UserError(f"cannot load a tokenizer from model.path {name}: {reason}") from err
 
 
 def uses_bos(tokenizer) -> bool:
@@ -321,7 +329,7 @@ def _prompt_is_stable(tokenizer, text: str, start: int, full: list[int], offsets
 def tokenize_row(row: dict, data_cfg: DataConfig, tokenizer, label_ids: dict | None = None) -> tuple[dict | None, bool]:
     """One row -> (example or None when nothing is left to train on, truncated?). Raises RowError."""
     fmt, max_len = data_cfg.format, data_cfg.max_seq_len
-    if fmt == "classification":
+    if fmt == CLASSIFICATION:
         text, label = _field(row, "text", fmt), row.get("label")
         if label is None:
             raise RowError(f"missing field 'label' (format classification needs {FORMAT_FIELDS[fmt][1]})")
@@ -356,7 +364,7 @@ def tokenize_row(row: dict, data_cfg: DataConfig, tokenizer, label_ids: dict | N
     ids, flags = ids[:max_len], flags[:max_len]
     if not any(flags):
         return None, truncated
-    return {"input_ids": ids, "labels": [t if f else IGNORE for t, f in zip(ids, flags)]}, truncated
+    return {"input_ids": ids, "labels": [t if f else IGNORE_INDEX for t, f in zip(ids, flags)]}, truncated
 
 
 def _label_map(rows_lists) -> dict | None:
@@ -406,7 +414,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: i
         rows = [r for i, r in enumerate(rows) if i not in chosen]
 
     label_ids = None
-    if data_cfg.format == "classification":
+    if data_cfg.format == CLASSIFICATION:
         label_ids = _label_map([[r for _, r in rows], [r for _, r in eval_rows]])
     train = _tokenize_all(rows, data_cfg.path, data_cfg, tokenizer, stats, label_ids)
     evals = _tokenize_all(eval_rows, eval_where, data_cfg, tokenizer, stats, label_ids)
@@ -414,7 +422,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: i
         raise UserError(f"{data_cfg.path}: no training examples left after dropping {stats.dropped} rows with "
                         f"nothing to train on (e.g. no assistant message, or the prompt fills max_seq_len "
                         f"{data_cfg.max_seq_len}): check data.format and data.max_seq_len")
-    if data_cfg.format == "classification":
+    if data_cfg.format == CLASSIFICATION:
         if label_ids is not None:
             stats.label_names = list(label_ids)
         else:
@@ -425,14 +433,14 @@ def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: i
                             f"{num_labels}: raise model.num_labels or leave it unset")
     stats.train_examples, stats.eval_examples = len(train), len(evals)
     stats.lengths = [len(e["input_ids"]) for e in train]
-    if data_cfg.format != "classification":
-        stats.trained_tokens = sum(sum(t != IGNORE for t in e["labels"]) for e in train)
+    if data_cfg.format != CLASSIFICATION:
+        stats.trained_tokens = sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in train)
     if stats.truncated:
         logger.warning("%d examples were longer than data.max_seq_len=%d and were truncated (they lose their EOS)",
                        stats.truncated, data_cfg.max_seq_len)
     if stats.dropped:
         logger.warning("%d rows had no tokens left to train on and were dropped", stats.dropped)
-    if data_cfg.packing and data_cfg.format != "classification":
+    if data_cfg.packing and data_cfg.format != CLASSIFICATION:
         train, evals = pack(train, data_cfg.max_seq_len), pack(evals, data_cfg.max_seq_len)
         stats.packed_rows = len(train)
     return train, evals, stats
@@ -473,7 +481,7 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict:
         batch["attention_mask"] = torch.zeros((len(examples), longest), dtype=torch.long)
     token_labels = not isinstance(examples[0]["labels"], int)
     if token_labels:
-        batch["labels"] = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+        batch["labels"] = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     else:
         batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.long)  # (B,)
     for i, ex in enumerate(examples):
@@ -498,7 +506,7 @@ def render_example(example: dict, tokenizer, open_mark: str = "[[", close_mark: 
         return f"{tokenizer.decode(example['input_ids'])}  -> label {labels}"
     out, run, run_trained = [], [], None
     for tid, lab in zip(example["input_ids"] + [None], labels + [None]):
-        trained = lab is not None and lab != IGNORE
+        trained = lab is not None and lab != IGNORE_INDEX
         if tid is None or (run and trained != run_trained):
             text = tokenizer.decode(run, skip_special_tokens=False)
             out.append(f"{open_mark}{text}{close_mark}" if run_trained else text)
@@ -513,7 +521,7 @@ def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labe
     """A few rendered train examples with trained tokens in [[...]], then the token-length statistics."""
     unpacked = DataConfig(**{**data_cfg.__dict__, "packing": False})
     train, _, stats = build_datasets(unpacked, tokenizer, seed, num_labels)
-    if data_cfg.packing and data_cfg.format != "classification":
+    if data_cfg.packing and data_cfg.format != CLASSIFICATION:
         stats.packed_rows = len(pack(train, data_cfg.max_seq_len))
     parts = [f"data: {data_cfg.path} (format {data_cfg.format}, max_seq_len {data_cfg.max_seq_len}); "
              f"trained tokens are shown in [[...]]"]
@@ -521,11 +529,3 @@ def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labe
         parts.append(f"--- example {i + 1} ({len(ex['input_ids'])} tokens) ---\n{render_example(ex, tokenizer)}")
     parts.append("--- statistics ---\n" + stats.summary())
     return "\n".join(parts)
-
-
-def run_data_command(config_path: str, overrides: list[str]) -> int:
-    """`qlora-trainer data CONFIG [key=value ...]`: print rendered examples and token statistics."""
-    cfg = load_config(config_path, overrides)
-    tokenizer = load_tokenizer(cfg)
-    print(preview(cfg.data, tokenizer, cfg.train.seed, num_labels=cfg.model.num_labels))
-    return 0

@@ -19,7 +19,6 @@ with our LoRALinear; they are the terms to calibrate against a measured peak (sc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import ArgumentError, UserError
+from qlora_trainer.names import ALL_LINEAR, DTYPE_BYTES, MODEL_CONFIG_FILE, NF4_BLOCKSIZE, OPTIMIZERS
 
 GIB = 1024**3
 
@@ -35,10 +35,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # bitsandbytes NF4 with double quantization (quantize_4bit(blocksize=64, compress_statistics=True)):
-NF4_BLOCKSIZE = 64  # one uint8 quantized absmax per 64 weights
+# NF4_BLOCKSIZE (names.py): one uint8 quantized absmax per 64 weights
 NF4_NESTED_BLOCKSIZE = 256  # one fp32 absmax per 256 first-level absmax values
 # Per quantized tensor: the NF4 code (16 fp32) + the nested dynamic code (256 fp32) + the fp32 offset.
 NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
@@ -47,7 +46,6 @@ NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
 # per 256 values, for each of Adam's two moments.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_OPTIM_BLOCKSIZE = 256
-OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw")  # config.py's train.optimizer choices
 
 # Stated constants, not measured here: the CUDA context (+ cuBLAS workspace), which the torch allocator
 # does not see, and the caching allocator's fragmentation as a fraction of what tensors hold.
@@ -96,29 +94,31 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What a run trains with; validation names the command-line flag."""
+    """What a run trains with; a bad value is an ArgumentError naming the field (the CLI names its flag)."""
 
     seq_len: int = 2048
     batch_size: int = 1
     rank: int = 16
     targets: tuple[str, ...] = ALL_LINEARS
-    optimizer: str = "paged_adamw_8bit"
+    optimizer: str = "paged_adamw_8bit"  # one of names.OPTIMIZERS
     loss_chunk_size: int = 1024
     compute_dtype: str = "bf16"
     lora_dropout: float = 0.05
 
     def __post_init__(self) -> None:
-        for flag, value in (("--seq-len", self.seq_len), ("--batch-size", self.batch_size),
-                            ("--rank", self.rank), ("--loss-chunk-size", self.loss_chunk_size)):
+        for field in ("seq_len", "batch_size", "rank", "loss_chunk_size"):
+            value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{flag} must be a positive integer, got {value!r}")
+                raise ArgumentError(field, f"{{arg}} must be a positive integer, got {value!r}")
         object.__setattr__(self, "targets", parse_targets(self.targets))
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--optimizer {self.optimizer!r} is not known; choose one of {', '.join(OPTIMIZERS)}")
+            raise ArgumentError("optimizer", f"{{arg}} {self.optimizer!r} is not known; choose one of "
+                                             f"{', '.join(OPTIMIZERS)}")
         if self.compute_dtype not in DTYPE_BYTES:
-            raise UserError(f"--dtype {self.compute_dtype!r} is not known; choose one of {', '.join(DTYPE_BYTES)}")
+            raise ArgumentError("compute_dtype", f"{{arg}} {self.compute_dtype!r} is not known; choose one of "
+                                                 f"{', '.join(DTYPE_BYTES)}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ArgumentError("lora_dropout", f"{{arg}} must be in [0, 1), got {self.lora_dropout!r}")
 
     @property
     def tokens(self) -> int:
@@ -159,29 +159,30 @@ class MemoryBreakdown:
 def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     """'all-linear', 'q_proj,v_proj' or a list of names -> the names, in layer order."""
     if isinstance(targets, str):
-        targets = ALL_LINEARS if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        targets = ALL_LINEARS if targets == ALL_LINEAR else [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in ALL_LINEARS]
     if unknown or not targets:
-        raise UserError(f"--targets: unknown or empty {unknown or list(targets)}; use all-linear or names from "
-                        f"{', '.join(ALL_LINEARS)}")
+        raise ArgumentError("targets", f"{{arg}}: unknown or empty {unknown or list(targets)}; use {ALL_LINEAR} or "
+                                       f"names from {', '.join(ALL_LINEARS)}")
     return tuple(t for t in ALL_LINEARS if t in targets)
 
 
-def read_config(model: str | Path) -> tuple[dict[str, Any], Path]:
-    """config.json of a model folder, a config.json path, or a hub id already in the local cache."""
+def read_config_json(model: str | Path) -> tuple[dict[str, Any], Path]:
+    """(config.json as a dict, its path) of a model folder, a config.json path, or a hub id already in the local
+    cache. Plain JSON: estimate needs no torch and no transformers."""
     path = Path(model).expanduser()
     if path.is_dir():
-        path = path / "config.json"
+        path = path / MODEL_CONFIG_FILE
         if not path.is_file():
-            raise UserError(f"--model {model}: the folder has no config.json")
+            raise ArgumentError("model", f"{{arg}} {model}: the folder has no config.json")
     elif not path.is_file():
         path = _config_from_hub_cache(str(model))
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--model {model}: cannot read {path} as JSON ({err})") from None
+        raise ArgumentError("model", f"{{arg}} {model}: cannot read {path} as JSON ({err})") from None
     if not isinstance(config, dict):
-        raise UserError(f"--model {model}: {path} is not a JSON object")
+        raise ArgumentError("model", f"{{arg}} {model}: {path} is not a JSON object")
     return config, path
 
 
@@ -190,11 +191,11 @@ def _config_from_hub_cache(model: str) -> Path:
     if looks_like_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(model, "config.json")
+        cached = try_to_load_from_cache(model, MODEL_CONFIG_FILE)
         if isinstance(cached, str):
             return Path(cached)
-    raise UserError(f"--model {model}: no such folder or config.json, and no hub id of that name in the local "
-                    "cache; pass a model folder or its config.json")
+    raise ArgumentError("model", f"{{arg}} {model}: no such folder or config.json, and no hub id of that name in "
+                                 "the local cache; pass a model folder or its config.json")
 
 
 def shape_from_config(config: Mapping[str, Any], source: str = "config.json") -> ModelShape:
@@ -378,45 +379,5 @@ def format_table(b: MemoryBreakdown, shape: ModelShape, run: RunSettings) -> str
     lines = [head, f"{'':{width}}   GiB"]
     lines += [f"{label:<{width}} {value / GIB:6.2f}" for label, value in rows]
     lines.append(f"{'total (peak)':<{width}} {b.total / GIB:6.2f}")
-    lines.append(f"* these two peak at different times; the total counts the larger")
+    lines.append("* these two peak at different times; the total counts the larger")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def add_estimate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`qlora-trainer estimate ...`; its handler is run_estimate_command."""
-    d = RunSettings()
-    p = subparsers.add_parser("estimate", help="GPU memory a run needs, from config.json alone")
-    p.add_argument("--model", required=True, help="model folder, its config.json, or a hub id in the local cache")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA r")
-    p.add_argument("--targets", default="all-linear", help="all-linear or comma-separated names, e.g. q_proj,v_proj")
-    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    p.add_argument("--loss-chunk-size", type=int, default=d.loss_chunk_size)
-    p.add_argument("--dtype", default=d.compute_dtype, choices=list(DTYPE_BYTES), help="compute dtype")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--gpu-gib", type=float, default=80.0,
-                   help="GPU memory in GiB to fit (an 'H100 80GB' has about 79.1 GiB)")
-    p.set_defaults(func=run_estimate_command)
-    return p
-
-
-def run_estimate_command(args: argparse.Namespace) -> int:
-    if args.gpu_gib <= 0:
-        raise UserError(f"--gpu-gib must be positive, got {args.gpu_gib}")
-    config, path = read_config(args.model)
-    shape = shape_from_config(config, str(path))
-    run = RunSettings(seq_len=args.seq_len, batch_size=args.batch_size, rank=args.rank,
-                      targets=args.targets, optimizer=args.optimizer, loss_chunk_size=args.loss_chunk_size,
-                      compute_dtype=args.dtype, lora_dropout=args.lora_dropout)
-    print(format_table(estimate_memory(shape, run), shape, run))
-    seq = max_seq_len_that_fits(args.gpu_gib, shape, run)
-    batch = max_batch_that_fits(args.gpu_gib, shape, run)
-    note = (f" (beyond the model's max_position_embeddings, {shape.max_positions:,})"
-            if isinstance(shape.max_positions, int) and seq > shape.max_positions else "")
-    print(f"fits in {args.gpu_gib:g} GiB: seq len up to {seq:,} at batch {run.batch_size}{note}; "
-          f"batch up to {batch:,} at seq len {run.seq_len:,}")
-    return 0

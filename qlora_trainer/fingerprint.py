@@ -7,16 +7,12 @@ into a clear message naming what differs.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import os
 
 from torch import nn
-from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer.lora import linear_module_names, lora_modules
+from qlora_trainer.lora import linear_module_names, linear_shape, lora_modules
 
 FINGERPRINT_FORMAT = 1
 
@@ -30,23 +26,11 @@ FINGERPRINT_FIELDS = (
 )
 
 
-
-def base_fingerprint(model_or_config: nn.Module | PretrainedConfig | str | os.PathLike) -> dict:
+def base_fingerprint(model: nn.Module) -> dict:
     """What identifies a base for an adapter: architecture, the config fields that fix shapes and compute
-    (with a hash of them), and the (out, in) shape of every linear layer LoRA may wrap.
-
-    Takes a model (with or without LoRA applied), its config, or a model folder (built on the meta device)."""
-    if isinstance(model_or_config, nn.Module):
-        model, config = model_or_config, model_or_config.config
-    else:
-        config = model_or_config
-        if not isinstance(config, PretrainedConfig):
-            from qlora_trainer.loading import read_config, resolve_model_dir
-
-            config = read_config(resolve_model_dir(config))
-        from qlora_trainer.loading import build_empty_model
-
-        model = build_empty_model(copy.deepcopy(config))
+    (with a hash of them), and the (out, in) shape of every linear layer LoRA may wrap. `model` may carry LoRA
+    layers, be a causal LM or a classifier of the same base, or be built on the meta device."""
+    config = model.config
     raw = config.to_dict()
     fields = {key: raw[key] for key in FINGERPRINT_FIELDS if key in raw}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
@@ -61,19 +45,12 @@ def base_fingerprint(model_or_config: nn.Module | PretrainedConfig | str | os.Pa
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{module path: (out, in)} of every linear LoRA may wrap; a wrapped layer counts under its own path."""
-    shapes = {}
     wrapped = lora_modules(model)
-    for name, layer in wrapped.items():
-        shapes[name] = (layer.out_features, layer.in_features)
+    shapes = {name: linear_shape(layer) for name, layer in wrapped.items()}
     for name in linear_module_names(model):
         parent, _, last = name.rpartition(".")
-        if last == "base" and parent in wrapped:
-            continue
-        module = model.get_submodule(name)
-        if isinstance(module, Conv1D):
-            shapes[name] = (module.weight.shape[1], module.weight.shape[0])  # Conv1D stores (in, out)
-        else:
-            shapes[name] = (module.out_features, module.in_features)
+        if not (last == "base" and parent in wrapped):
+            shapes[name] = linear_shape(model.get_submodule(name))
     return dict(sorted(shapes.items()))
 
 

@@ -9,9 +9,7 @@ generation_config default (top_k=50, repetition penalty, ...) slips in unseen.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +17,9 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from qlora_trainer.adapter import load_adapter_into
+from qlora_trainer.base_model import BaseModel, resolve_base
 from qlora_trainer.errors import UserError
-from qlora_trainer.loading import load_quantized, resolve_model_dir
+from qlora_trainer.loading import load_quantized
 
 Message = dict[str, str]
 
@@ -130,54 +129,26 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompt: str | list[Messa
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
-def load_for_generation(base: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
+def load_for_generation(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike | None = None, *,
                         compute_dtype: str | None = None, device: str | None = None):
-    """(model, tokenizer): the NF4 base with the adapter applied; the tokenizer saved with the adapter if there
-    is one (a chat template added in training), else the base's."""
-    model_dir = resolve_model_dir(base)
-    model = load_quantized(model_dir, compute_dtype=compute_dtype, device=device, progress=False)
+    """(model, tokenizer): the NF4 base with the adapter applied, and the tokenizer for it (tokenizer_dir)."""
+    base = resolve_base(base)
+    model = load_quantized(base, compute_dtype=compute_dtype, device=device, progress=False)
     if adapter is not None:
         load_adapter_into(model, adapter)
-    tokenizer_dir = Path(adapter) if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() \
-        else model_dir
+    return model, load_tokenizer_from(tokenizer_dir(base, adapter))
+
+
+def tokenizer_dir(base: BaseModel, adapter: str | os.PathLike | None = None) -> Path:
+    """The tokenizer saved with the adapter if there is one (a chat template added in training), else the base's."""
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return Path(adapter)
+    return base.path
+
+
+def load_tokenizer_from(folder: Path) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise UserError(f"{tokenizer_dir}: no usable tokenizer here ({err}): generate needs the tokenizer files "
+        raise UserError(f"{folder}: no usable tokenizer here ({err}): generate needs the tokenizer files "
                         "(tokenizer.json / tokenizer_config.json) in the model folder") from None
-    return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-def _print(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def run_generate_command(args: argparse.Namespace) -> int:
-    """`qlora-trainer generate` (flags in cli.py)."""
-    if args.prompt is None and not args.chat:
-        raise UserError("give --prompt TEXT, or --chat for an interactive conversation")
-    model, tokenizer = load_for_generation(args.base, args.adapter, compute_dtype=args.dtype, device=args.device)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stream=_print)
-    if not args.chat:
-        generate(model, tokenizer, args.prompt, chat=False if args.no_chat_template else None, **options)
-        _print("\n")
-        return 0
-    messages: list[Message] = []
-    if args.prompt is not None:
-        messages.append({"role": "system", "content": args.prompt})
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            _print("> ")
-        line = sys.stdin.readline()
-        if not line.strip():  # EOF or an empty line ends the conversation
-            return 0
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = generate(model, tokenizer, messages, **options)
-        _print("\n")
-        messages.append({"role": "assistant", "content": reply})
-        options["seed"] = None if args.seed is None else args.seed + len(messages)  # fresh samples each turn

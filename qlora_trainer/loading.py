@@ -2,34 +2,56 @@
 
 1. Build the transformers architecture from config.json on the meta device (no weights allocated).
 2. Swap its linear layers (all but the output layer) for empty 4-bit linears.
-3. Stream the checkpoint one tensor at a time with `safetensors.safe_open`: a linear weight is quantized
+3. Stream the checkpoint one tensor at a time (base_model.stream_tensors): a linear weight is quantized
    on the target device as it arrives; everything else (embeddings, norms, lm_head) is cast to the
    compute dtype. Peak host memory is about one tensor plus the quantized model.
 
 `random_quantized` fills the same skeleton with random weights instead, layer by layer, for benchmarks
 of shapes (Llama-3-70B) that exist nowhere as a checkpoint on the machine.
+
+What a load did (which linears are 4-bit and what they replaced, where the weights came from, which parameters
+were created fresh) is a LoadInfo, kept on the model as `model.qlora_load_info` and read with `load_info(model)`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from qlora_trainer import quant
+from qlora_trainer import libc, quant
+from qlora_trainer.base_model import BaseModel, checkpoint_files, resolve_base, stream_tensors
 from qlora_trainer.errors import UserError
+from qlora_trainer.lora import linear_shape
+from qlora_trainer.names import AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES, torch_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TASKS = {"causal_lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}
+MODEL_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, CLASSIFICATION: AutoModelForSequenceClassification}
+LOAD_INFO_ATTR = "qlora_load_info"
+
+
+@dataclass
+class LoadInfo:
+    """What load_quantized / random_quantized did to a model."""
+
+    swapped: dict[str, str]  # path of each 4-bit linear -> what it replaced: "linear" or "conv1d" (GPT-2)
+    source: Path | None  # the model folder (None: random weights)
+    new_params: set[str] = field(default_factory=set)  # created fresh, not read from the checkpoint (a new head)
+
+
+def load_info(model: nn.Module) -> LoadInfo:
+    """The LoadInfo of a model from load_quantized or random_quantized."""
+    info = getattr(model, LOAD_INFO_ATTR, None)
+    if info is None:
+        raise ValueError("this model was not built by load_quantized or random_quantized: it has no LoadInfo")
+    return info
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -42,70 +64,20 @@ def resolve_dtype(compute_dtype: str | torch.dtype | None, device: torch.device)
     """bf16 on GPU, fp32 on CPU (bf16 matmul is several times slower there) unless asked otherwise."""
     if isinstance(compute_dtype, torch.dtype):
         return compute_dtype
-    if compute_dtype in (None, "auto"):
+    if compute_dtype in (None, AUTO):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if compute_dtype not in DTYPES:
-        raise UserError(f"unknown compute dtype {compute_dtype!r}: use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[compute_dtype]
+    if compute_dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown compute dtype {compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    return torch_dtype(compute_dtype)
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A local model folder, or a hub id that is already in the local cache (we never download)."""
-    local = Path(path)
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise UserError(f"{local}: no config.json in this folder: point model.path/--base at a Hugging Face model folder")
-        return local
-    if local.exists():
-        raise UserError(f"{local}: is a file, not a model folder (config.json + *.safetensors)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path), local_files_only=True))
-    except Exception:  # not a valid repo id, or not in the cache: both mean "no such model here"
-        raise UserError(
-            f"{path}: no such folder, and not a model in the local Hugging Face cache "
-            "(nothing is downloaded at run time: download it first, e.g. `huggingface-cli download ...`)"
-        ) from None
-
-
-def read_config(model_dir: Path, trust_remote_code: bool = False) -> PretrainedConfig:
-    config_file = model_dir / "config.json"
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_file}: cannot read it as JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{config_file}: expected a JSON object (model_type, hidden_size, ...), "
-                        f"found a {type(raw).__name__}")
-    if "auto_map" in raw and not trust_remote_code:
-        # A model that ships its own Python code: we never run it unless the user says so.
-        if raw.get("model_type") not in _known_model_types():
-            raise UserError(
-                f"{config_file}: this model needs its own Python code (auto_map), which we do not run by default; "
-                "set model.trust_remote_code=true only if you trust its authors"
-            )
-    try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as err:
-        raise UserError(
-            f"{config_file}: unsupported architecture (model_type={raw.get('model_type')!r}): "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else repr(err)}"
-        ) from None
-
-
-def _known_model_types() -> set[str]:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    return set(CONFIG_MAPPING_NAMES)
-
-
-def build_empty_model(config: PretrainedConfig, *, task: str = "causal_lm", num_labels: int | None = None,
+def build_empty_model(config: PretrainedConfig, *, task: str = CAUSAL_LM, num_labels: int | None = None,
                       compute_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """The transformers model for `config` with every parameter on the meta device (buffers stay real)."""
-    if task not in TASKS:
-        raise UserError(f"unknown model.task {task!r}: use one of {', '.join(TASKS)}")
-    auto_cls = TASKS[task]
+    """The transformers model for `config` with every parameter on the meta device (buffers stay real).
+    Changes `config` (num_labels, a classifier's pad_token_id): pass a copy you can give away."""
+    if task not in MODEL_CLASSES:
+        raise UserError(f"unknown model.task {task!r}: use one of {', '.join(MODEL_CLASSES)}")
+    auto_cls = MODEL_CLASSES[task]
     if num_labels is not None:
         config.num_labels = num_labels
     try:
@@ -118,10 +90,17 @@ def build_empty_model(config: PretrainedConfig, *, task: str = "causal_lm", num_
             f"unsupported architecture {type(config).__name__} (model_type={config.model_type!r}) "
             f"for task {task}: {err}"
         ) from None
-    if task == "classification" and config.pad_token_id is None:
+    if task == CLASSIFICATION and config.pad_token_id is None:
         # The head pools the last non-padding token; without a pad id transformers cannot find it in a batch.
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     return model
+
+
+def meta_model(base: str | os.PathLike | BaseModel, **kwargs) -> nn.Module:
+    """The architecture of a model folder on the meta device (shapes only, nothing loaded): build_empty_model on a
+    copy of its config. kwargs: build_empty_model's (task, num_labels, compute_dtype)."""
+    base = resolve_base(base)
+    return build_empty_model(base.fresh_config(), trust_remote_code=base.trust_remote_code, **kwargs)
 
 
 def _unquantized_module_names(model: nn.Module) -> set[str]:
@@ -143,80 +122,17 @@ def swap_in_nf4_linears(model: nn.Module, compute_dtype: torch.dtype) -> dict[st
     for name, module in list(model.named_modules()):
         if name in keep or not (type(module) is nn.Linear or isinstance(module, Conv1D)):
             continue
-        if isinstance(module, Conv1D):
-            in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
-        else:
-            in_features, out_features = module.in_features, module.out_features
+        out_features, in_features = linear_shape(module)
+        if in_features % quant.BLOCKSIZE:
+            # bitsandbytes' kernels need whole NF4 blocks per row; every released LLaMA-family shape has them.
+            raise UserError(f"{name} takes {in_features} input features, not a multiple of the NF4 blocksize "
+                            f"{quant.BLOCKSIZE}: this architecture's config.json ({type(model.config).__name__}) "
+                            "cannot be stored in 4 bits; use a model whose hidden and intermediate sizes are "
+                            f"multiples of {quant.BLOCKSIZE}")
         new = quant.new_nf4_linear(in_features, out_features, module.bias is not None, compute_dtype)
         model.set_submodule(name, new)
         swapped[name] = "conv1d" if isinstance(module, Conv1D) else "linear"
     return swapped
-
-
-# ---------------------------------------------------------------------------------------- checkpoint files
-
-def checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """{tensor name: file} for a single-file or sharded (index.json) safetensors checkpoint."""
-    index_file = model_dir / "model.safetensors.index.json"
-    single = model_dir / "model.safetensors"
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError(f"weight_map is a {type(weight_map).__name__}, not a mapping")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{index_file}: not a valid safetensors index ({err!r}): re-save the model") from None
-        files = {}
-        for key, shard in weight_map.items():
-            files[key] = _shard_path(model_dir, shard, index_file)
-        return files
-    if single.is_file():
-        return {key: single for key in _keys_in(single)}
-    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-        raise UserError(
-            f"{model_dir}: only PyTorch pickle weights (*.bin/*.pt) here; we load safetensors only because "
-            "pickles can run code. Convert with `model.save_pretrained(dir, safe_serialization=True)`"
-        )
-    raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json in this folder")
-
-
-def _shard_path(model_dir: Path, shard: str, index_file: Path) -> Path:
-    """A shard named by the index must be a plain file name inside the model folder."""
-    if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts or "/" in shard \
-            or "\\" in shard:
-        raise UserError(f"{index_file}: shard name {shard!r} points outside the model folder; refusing to read it")
-    path = model_dir / shard
-    if not path.is_file():
-        raise UserError(f"{index_file}: names shard {shard}, which is missing from {model_dir}")
-    return path
-
-
-def _keys_in(file: Path) -> list[str]:
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"{file}: not a readable safetensors file ({err}): the download may be incomplete") from None
-
-
-def stream_tensors(files: dict[str, Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (name, tensor, file) one at a time, grouped by shard.
-
-    Each tensor is read with its own short `safe_open`: a file kept open would stay memory-mapped and
-    the pages already read would count toward our resident memory until the whole shard is done."""
-    read_device = "cpu" if device.type == "cpu" else str(device)
-    by_file: dict[Path, list[str]] = {}
-    for key, file in files.items():
-        by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
-        for key in keys:
-            try:
-                with safe_open(file, framework="pt", device=read_device) as f:
-                    tensor = f.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as err:
-                raise UserError(f"{file}: cannot read tensor {key!r} ({err}): the file may be truncated or corrupt") \
-                    from None
-            yield key, tensor, file
 
 
 # ---------------------------------------------------------------------------------------- filling the skeleton
@@ -260,8 +176,6 @@ def checkpoint_key_to_param(key: str, expected: dict[str, torch.Size], prefix: s
 
 
 def _ignorable(model: nn.Module, key: str) -> bool:
-    import re
-
     patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     patterns.append(r"rotary_emb\.inv_freq")  # older LLaMA checkpoints saved this computed buffer
     return any(re.search(p, key) for p in patterns) or is_other_task_head(model, key)
@@ -280,8 +194,9 @@ def is_other_task_head(model: nn.Module, key: str) -> bool:
     return is_classifier(model) and key.split(".", 1)[0] in CAUSAL_HEADS
 
 
-def fill_from_checkpoint(model: nn.Module, swapped: dict[str, str], model_dir: Path, device: torch.device,
-                         compute_dtype: torch.dtype, progress: bool = True) -> None:
+def fill_from_checkpoint(model: nn.Module, info: LoadInfo, device: torch.device, compute_dtype: torch.dtype,
+                         progress: bool = True) -> None:
+    swapped, model_dir = info.swapped, info.source
     files = checkpoint_files(model_dir)
     expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
@@ -301,30 +216,9 @@ def fill_from_checkpoint(model: nn.Module, swapped: dict[str, str], model_dir: P
         _set_tensor(model, name, tensor, swapped, device, compute_dtype)
         loaded.add(name)
         del tensor
-        return_freed_memory_to_os()
+        libc.malloc_trim()
     bar.close()
-    _tie_and_check_missing(model, expected, loaded, model_dir)
-
-
-def return_freed_memory_to_os() -> None:
-    """glibc keeps freed blocks for reuse; after each streamed tensor the heap is full of holes the size of a
-    weight, and resident memory creeps up by a large fraction of the model. malloc_trim hands them back."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _load_libc()
+    _tie_and_check_missing(model, expected, loaded | info.new_params, model_dir)
 
 
 def _tie_and_check_missing(model: nn.Module, expected: dict[str, torch.Size], loaded: set[str],
@@ -337,7 +231,7 @@ def _tie_and_check_missing(model: nn.Module, expected: dict[str, torch.Size], lo
         elif source not in loaded and target in loaded:  # a checkpoint that kept only lm_head
             _share_parameter(model, source, target)
             loaded.add(source)
-    missing = [name for name in expected if name not in loaded and not _initialised_by_us(model, name)]
+    missing = [name for name in expected if name not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"{model_dir}: checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -348,39 +242,33 @@ def _share_parameter(model: nn.Module, target: str, source: str) -> None:
     setattr(model.get_submodule(module_name), attr, model.get_parameter(source))
 
 
-def _initialised_by_us(model: nn.Module, name: str) -> bool:
-    """A new classification head is not in a causal checkpoint: it is created fresh (see init_new_head)."""
-    return name in getattr(model, "_qlora_new_params", set())
-
-
 # ---------------------------------------------------------------------------------------- public entry points
 
-def load_quantized(path: str | os.PathLike, *, compute_dtype: str | torch.dtype | None = None,
-                   device: str | torch.device | None = None, task: str = "causal_lm",
+def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | torch.dtype | None = None,
+                   device: str | torch.device | None = None, task: str = CAUSAL_LM,
                    num_labels: int | None = None, trust_remote_code: bool = False,
                    progress: bool = True) -> nn.Module:
-    """Load a model folder (or cached hub id) as NF4, ready for `apply_lora`. Frozen, eval mode."""
+    """Load a model folder, a cached hub id or a resolved BaseModel as NF4, ready for `apply_lora`. Frozen, eval
+    mode; `load_info(model)` says what was done."""
     device = resolve_device(device)
     dtype = resolve_dtype(compute_dtype, device)
-    model_dir = resolve_model_dir(path)
-    config = read_config(model_dir, trust_remote_code)
-    model = build_empty_model(config, task=task, num_labels=num_labels, compute_dtype=dtype,
-                              trust_remote_code=trust_remote_code)
-    swapped = swap_in_nf4_linears(model, dtype)
-    if task == "classification":
-        _init_new_head(model, model_dir, swapped, dtype, device)
-    fill_from_checkpoint(model, swapped, model_dir, device, dtype, progress=progress)
-    return _finish(model, swapped, device, model_dir)
+    base = resolve_base(path, trust_remote_code=trust_remote_code)
+    model = build_empty_model(base.fresh_config(), task=task, num_labels=num_labels, compute_dtype=dtype,
+                              trust_remote_code=base.trust_remote_code)
+    info = LoadInfo(swap_in_nf4_linears(model, dtype), base.path)
+    if task == CLASSIFICATION:
+        info.new_params = _init_new_head(model, info, dtype, device)
+    fill_from_checkpoint(model, info, device, dtype, progress=progress)
+    return _finish(model, info, device)
 
 
-def _init_new_head(model: nn.Module, model_dir: Path, swapped: dict[str, str], dtype: torch.dtype,
-                   device: torch.device) -> None:
+def _init_new_head(model: nn.Module, info: LoadInfo, dtype: torch.dtype, device: torch.device) -> set[str]:
     """A classification head that a causal checkpoint lacks starts as transformers initialises it
-    (normal, std = initializer_range); it is trained in full beside LoRA."""
-    expected = expected_shapes(model, swapped)
+    (normal, std = initializer_range); it is trained in full beside LoRA. Returns the new parameters' names."""
+    expected = expected_shapes(model, info.swapped)
     prefix = getattr(model, "base_model_prefix", "model")
-    present = {checkpoint_key_to_param(key, expected, prefix) for key in checkpoint_files(model_dir)}
-    new = {name for name in expected if name not in present and name.rpartition(".")[0] not in swapped}
+    present = {checkpoint_key_to_param(key, expected, prefix) for key in checkpoint_files(info.source)}
+    new = {name for name in expected if name not in present and name.rpartition(".")[0] not in info.swapped}
     std = getattr(model.config, "initializer_range", 0.02)
     for name in sorted(new):
         module_name, _, attr = name.rpartition(".")
@@ -389,15 +277,14 @@ def _init_new_head(model: nn.Module, model_dir: Path, swapped: dict[str, str], d
         if attr == "weight":
             nn.init.normal_(value, std=std)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    model._qlora_new_params = new
+    return new
 
 
-def _finish(model: nn.Module, swapped: dict[str, str], device: torch.device, source: Path | None) -> nn.Module:
+def _finish(model: nn.Module, info: LoadInfo, device: torch.device) -> nn.Module:
     model.to(device)  # buffers (rotary) were built on CPU
     model.requires_grad_(False)
     model.eval()
-    model._qlora_swapped = swapped  # which linears are 4-bit, and which came from Conv1D
-    model._qlora_source = str(source) if source is not None else None
+    setattr(model, LOAD_INFO_ATTR, info)
     return model
 
 
@@ -418,7 +305,7 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
         value = _random_like(name, shapes[name], dtype, device, generator, std)
         _set_tensor(model, name, value, swapped, device, dtype)
     _tie_and_check_missing(model, shapes, {n for n in shapes if not _is_meta(model, n)}, Path("<random>"))
-    return _finish(model, swapped, device, None)
+    return _finish(model, LoadInfo(swapped, None), device)
 
 
 def _random_like(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
@@ -439,7 +326,8 @@ def _is_meta(model: nn.Module, name: str) -> bool:
 
 def model_summary(model: nn.Module) -> str:
     """A short human summary: architecture, which layers are 4-bit, and the bytes they take."""
-    swapped = getattr(model, "_qlora_swapped", {})
+    info = load_info(model)
+    swapped = info.swapped
     nf4_bytes = sum(quant.quantized_bytes(model.get_submodule(n)) for n in swapped)
     nf4_params = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in swapped)
     seen, other_bytes, other_params = set(), 0, 0
@@ -453,7 +341,7 @@ def model_summary(model: nn.Module) -> str:
     some = next(iter(swapped), None)
     compute = model.get_submodule(some).compute_dtype if some else None
     lines = [
-        f"model:        {type(model).__name__} from {getattr(model, '_qlora_source', None) or 'random weights'}",
+        f"model:        {type(model).__name__} from {info.source or 'random weights'}",
         f"4-bit NF4:    {len(swapped)} linear layers ({', '.join(kinds)}), {nf4_params / 1e6:.2f}M params, "
         f"{nf4_bytes / 2**20:.2f} MiB",
         f"full prec.:   {other_params / 1e6:.2f}M params (embeddings, norms, output layer), "

@@ -17,8 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import quant
 from qlora_trainer.errors import UserError
-
-ALL_LINEAR = "all-linear"
+from qlora_trainer.names import ALL_LINEAR
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -38,10 +37,10 @@ class LoRALinear(nn.Module):
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got r={r}")
         self.base = base
-        self.in_features, self.out_features = _features(base)
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.out_features, self.in_features = linear_shape(base)
+        self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
         self.scale = lora_scale(r, alpha, use_rslora)
-        device = _device_of(base)
+        device = device_of(base)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -85,13 +84,21 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
 
 
-def _features(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]  # Conv1D stores (in, out)
-    return base.in_features, base.out_features
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of any linear layer: nn.Linear, a 4-bit linear, a LoRA layer, or GPT-2's Conv1D, which stores its
+    weight as (in, out). The one place that knows the Conv1D orientation for shapes."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def matches_target(path: str, target: str) -> bool:
+    """PEFT's rule for a target_modules entry: the module path itself, or its last dotted parts."""
+    return path == target or path.endswith("." + target)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (CPU for a module without any)."""
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -124,7 +131,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         targets = [targets]
     chosen, unmatched = [], []
     for target in targets:
-        hits = [n for n in candidates if n == target or n.endswith("." + target)]
+        hits = [n for n in candidates if matches_target(n, target)]
         if not hits:
             unmatched.append(target)
         chosen.extend(h for h in hits if h not in chosen)
@@ -166,7 +173,7 @@ def trainable_parameter_summary(model: nn.Module) -> tuple[int, int, str]:
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
-        if type(param).__name__ == "Params4bit":
+        if quant.is_nf4_param(param):
             n *= 2 * param.element_size()
         total += n
         if param.requires_grad:

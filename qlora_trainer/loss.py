@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from qlora_trainer.names import IGNORE_INDEX
 
 
 def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
@@ -29,7 +29,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
     hidden state at t-1 predicts labels[t] (transformers' convention)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), H)
     y = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    keep = (y != IGNORE).nonzero().squeeze(1)
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
     h, y = h.index_select(0, keep), y.index_select(0, keep)  # (N, H), (N,): only tokens with a loss
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_size):

@@ -19,8 +19,6 @@ removed, so an output folder either is complete or does not exist.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import math
 import os
@@ -31,28 +29,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlora_trainer import atomic, quant
-from qlora_trainer.adapter import (Adapter, check_base_fingerprint, load_adapter_into, read_adapter,
-                                   verify_weights_checksum)
-from qlora_trainer.classify import num_labels_of_adapter, write_merged_config
-from qlora_trainer.errors import UserError
+from qlora_trainer import atomic, libc, quant, tasks
+from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
+from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
+from qlora_trainer.config import recorded_compute_dtype
+from qlora_trainer.errors import ArgumentError, UserError
+from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
+                                   swap_in_nf4_linears)
+from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES, DTYPE_NAMES,
+                                 MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES, dtype_name, torch_dtype)
 from qlora_trainer.shards import ShardWriter, header_entries, itemsize, parse_size, shard_name
-from qlora_trainer.loading import (DTYPES, checkpoint_key_to_param, expected_shapes, return_freed_memory_to_os,
-                                   build_empty_model, checkpoint_files, is_other_task_head, read_config,
-                                   resolve_model_dir, stream_tensors, swap_in_nf4_linears)
+from qlora_trainer.tasks.base import Task
 
 INTO = ("dequantized", "original")
 DEFAULT_SHARD_SIZE = "5GB"
 # When the adapter does not record the compute dtype it was trained with, assume the GPU default (bf16).
 ASSUMED_COMPUTE_DTYPE = "bf16"
-INDEX_FILE = "model.safetensors.index.json"
 # Files copied from the base folder as they are: generation defaults, tokenizer and chat template.
 COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
           "chat_template.json")
 COPIED_GLOBS = ("*.tiktoken", "additional_chat_templates/*")
-
-_CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 # ---------------------------------------------------------------------------------------- the math (pure)
@@ -102,35 +99,33 @@ class _Entry:
         return math.prod(self.shape) * itemsize(self.out_dtype)
 
 
-def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch.dtype | None,
-          compute_dtype: torch.dtype) -> tuple[list[_Entry], object]:
-    config = read_config(model_dir)
-    check_base_fingerprint(adapter, copy.deepcopy(config))
-    classifier = adapter.config.get("task_type") == "SEQ_CLS"  # the head comes from the adapter; lm_head is dropped
-    model = build_empty_model(config, compute_dtype=compute_dtype, task="classification" if classifier else "causal_lm",
-                              num_labels=num_labels_of_adapter(adapter) if classifier else None)  # meta: shapes only
+def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype | None,
+          compute_dtype: torch.dtype) -> list[_Entry]:
+    """Every output tensor in checkpoint order, with its source shard and the LoRA update it gets."""
+    # The architecture on the meta device (shapes only), as the adapter's task builds it: a classifier's head comes
+    # from the adapter, and the causal checkpoint's lm_head is dropped.
+    model = build_empty_model(base.fresh_config(), compute_dtype=compute_dtype, **task.model_kwargs(adapter=adapter))
+    check_base_fingerprint(adapter, model)
     swapped = swap_in_nf4_linears(model, compute_dtype)
     expected = expected_shapes(model, swapped)
     prefix = getattr(model, "base_model_prefix", "model")
-    files = checkpoint_files(model_dir)
+    files = checkpoint_files(base.path)
     headers = header_entries(files)
 
     entries, by_param = [], {}
-    by_file: dict[Path, list[str]] = {}  # shard by shard, in the order stream_tensors reads them
-    for key, file in files.items():
-        by_file.setdefault(file, []).append(key)
-    for key, file in ((k, f) for f, keys in by_file.items() for k in keys):
-        if classifier and is_other_task_head(model, key):
-            continue
-        shape, dtype = headers[key]
-        param = checkpoint_key_to_param(key, expected, prefix)
-        target = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
-        entry = _Entry(key, file, shape, target, param)
-        entries.append(entry)
-        if param is not None:
-            by_param[param] = entry
+    for file, keys in by_file(files).items():  # shard by shard, in the order stream_tensors reads them
+        for key in keys:
+            if is_other_task_head(model, key):
+                continue
+            shape, dtype = headers[key]
+            param = checkpoint_key_to_param(key, expected, prefix)
+            target = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
+            entry = _Entry(key, file, shape, target, param)
+            entries.append(entry)
+            if param is not None:
+                by_param[param] = entry
 
-    adapter_file = adapter_dir / "adapter_model.safetensors"
+    adapter_file = adapter.file(ADAPTER_WEIGHTS_FILE)
     for module_name, (A, B) in adapter.weights.items():
         param = module_name + ".weight"
         entry = by_param.get(param)
@@ -139,13 +134,13 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
             why = "it is tied to another weight the checkpoint stores once" if param in tied else \
                 "the base model has no such layer"
             raise UserError(f"{adapter_file}: adapter has a LoRA update for {module_name!r}, but {why}: "
-                            f"this adapter was trained on a different base than {model_dir}")
+                            f"this adapter was trained on a different base than {base.path}")
         out_features, in_features = entry.shape[::-1] if swapped.get(module_name) == "conv1d" else entry.shape
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features \
                 or A.shape[0] != B.shape[1]:
             raise UserError(f"{adapter_file}: LoRA shapes for {module_name!r} (A {tuple(A.shape)}, B {tuple(B.shape)}) "
                             f"do not fit the base weight {entry.key} {entry.shape}: this adapter was trained on a "
-                            f"different base than {model_dir}")
+                            f"different base than {base.path}")
         entry.lora = (A, B)
     for entry in entries:
         if entry.param is not None and entry.param.endswith(".weight"):
@@ -162,7 +157,7 @@ def _plan(model_dir: Path, adapter: Adapter, adapter_dir: Path, out_dtype: torch
             by_param[param].file, by_param[param].out_dtype = None, tensor_dtype
         else:
             entries.append(_Entry(param, None, tuple(tensor.shape), tensor_dtype, param))
-    return entries, config
+    return entries
 
 
 def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -203,19 +198,19 @@ def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: to
                                 "the adapter or the checkpoint is corrupt")
         yield entry, tensor.to(entry.out_dtype)
         del tensor
-        return_freed_memory_to_os()
+        libc.malloc_trim()
         bar.update(1)
     bar.close()
 
 
-def _write_config(model_dir: Path, tmp: Path, out_dtype: torch.dtype | None) -> None:
-    config_file = model_dir / "config.json"
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+def _merged_config(base: BaseModel, out_dtype: torch.dtype | None, task: Task, adapter: Adapter) -> dict:
+    """config.json of the merged model: the base's, with the output dtype, as the adapter's task wants it."""
+    raw = dict(base.raw_config)
     if out_dtype is not None:
-        raw["dtype"] = _CONFIG_DTYPE_NAMES[out_dtype]
+        raw["dtype"] = CONFIG_DTYPE_NAMES[dtype_name(out_dtype)]
         if "torch_dtype" in raw:  # written by transformers 4.x
             raw["torch_dtype"] = raw["dtype"]
-    (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    return task.merged_config(raw, adapter)
 
 
 def _copy_side_files(model_dir: Path, tmp: Path, adapter_dir: Path) -> None:
@@ -233,43 +228,36 @@ def _copy_side_files(model_dir: Path, tmp: Path, adapter_dir: Path) -> None:
 
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --out exists and is a file: choose a new folder name")
+        raise ArgumentError("out", f"{out}: {{arg}} exists and is a file: choose a new folder name")
     if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{out}: --out exists and is not empty: choose a new folder or remove it first")
+        raise ArgumentError("out", f"{out}: {{arg}} exists and is not empty: choose a new folder or remove it first")
     if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: parent folder of --out does not exist")
+        raise ArgumentError("out", f"{out.parent}: parent folder of {{arg}} does not exist")
+
+
+def _dtype_argument(value: str | torch.dtype | None, argument: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPE_NAMES:
+        raise ArgumentError(argument, f"{{arg}} {value!r}: use one of {', '.join(DTYPE_NAMES)}")
+    return torch_dtype(value)
 
 
 # ---------------------------------------------------------------------------------------- public entry points
 
-def _resolve_dtype(name: str | torch.dtype | None, flag: str) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise UserError(f"{flag} {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def adapter_compute_dtype(adapter: Adapter, adapter_dir: Path) -> str:
     """The compute dtype the adapter was trained with: recorded with it (ours), or `model.compute_dtype` of the
     run's config.yaml (runs/x/adapter, runs/x/checkpoints/step-N); else bf16, the GPU default."""
-    if adapter.compute_dtype in DTYPES:  # recorded by save_adapter in qlora_trainer.json
+    if adapter.compute_dtype in DTYPE_NAMES:  # recorded by save_adapter in qlora_trainer.json
         return adapter.compute_dtype
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent.parent):
-        if (run_dir / "config.yaml").is_file():
-            import yaml
-
-            try:
-                run = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-                recorded = run["model"]["compute_dtype"]
-            except (OSError, yaml.YAMLError, KeyError, TypeError):
-                continue
-            if recorded in DTYPES:
-                return recorded
+        recorded = recorded_compute_dtype(run_dir)
+        if recorded in DTYPE_NAMES:
+            return recorded
     return ASSUMED_COMPUTE_DTYPE
 
 
-def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
+def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: str | os.PathLike, *,
           dtype: str | torch.dtype | None = None, into: str = "dequantized",
           compute_dtype: str | torch.dtype | None = None, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
           progress: bool = True) -> Path:
@@ -278,26 +266,25 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
     dtype: output dtype of floating tensors (default: each keeps the checkpoint's dtype).
     compute_dtype: the dtype training cast weights to before NF4 (default: recorded in the adapter, else bf16)."""
     if into not in INTO:
-        raise UserError(f"--into {into!r}: use one of {', '.join(INTO)}")
+        raise ArgumentError("into", f"{{arg}} {into!r}: use one of {', '.join(INTO)}")
     out = Path(out)
     _check_out(out)
-    model_dir = resolve_model_dir(base)
+    base = resolve_base(base)  # a config.json that is not JSON, or of an unknown architecture, is named here
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():
-        raise UserError(f"{adapter_dir}: no such adapter folder (adapter_config.json + adapter_model.safetensors)")
-    read_config(model_dir)  # a config.json that is not JSON, or of an unknown architecture, is named here
-    raw_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if raw_config.get("quantization_config"):
-        raise UserError(f"{model_dir / 'config.json'}: this checkpoint is already quantized; merge needs the "
+        raise UserError(f"{adapter_dir}: no such adapter folder ({ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE})")
+    if base.raw_config.get("quantization_config"):
+        raise UserError(f"{base.path / MODEL_CONFIG_FILE}: this checkpoint is already quantized; merge needs the "
                         "full-precision base (the folder the adapter was trained from)")
-    out_dtype = _resolve_dtype(dtype, "--dtype")
+    out_dtype = _dtype_argument(dtype, "dtype")
     adapter_obj = read_adapter(adapter_dir)
-    task = adapter_obj.config.get("task_type") or "CAUSAL_LM"
-    if task not in ("CAUSAL_LM", "SEQ_CLS"):
-        raise UserError(f"{adapter_dir / 'adapter_config.json'}: task_type {task}: merge writes causal LMs and "
+    task_type = adapter_obj.config.get("task_type") or PEFT_TASK_TYPES["causal_lm"]
+    if task_type not in PEFT_TASK_TYPES.values():
+        raise UserError(f"{adapter_obj.file(ADAPTER_CONFIG_FILE)}: task_type {task_type}: merge writes causal LMs and "
                         "classifiers (SEQ_CLS) only; use the base + adapter as they are")
-    compute = _resolve_dtype(compute_dtype or adapter_compute_dtype(adapter_obj, adapter_dir), "--compute-dtype")
-    entries, _ = _plan(model_dir, adapter_obj, adapter_dir, out_dtype, compute)
+    task = tasks.for_adapter(adapter_obj)
+    compute = _dtype_argument(compute_dtype or adapter_compute_dtype(adapter_obj, adapter_dir), "compute_dtype")
+    entries = _plan(base, adapter_obj, task, out_dtype, compute)
     verify_weights_checksum(adapter_obj)  # after the plan's checks, which name a wrong base or shape more precisely
     shards = _layout(entries, parse_size(max_shard_size))
 
@@ -313,85 +300,26 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.Pat
                     writer.write(entry.key, tensor)
                     weight_map[entry.key] = name
             except BaseException:
-                writer.file.close()
+                writer.abort()
                 raise
             writer.close()
         index = {"metadata": {"total_size": sum(e.nbytes for e in entries),
                               "total_parameters": sum(math.prod(e.shape) for e in entries)},
                  "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        _write_config(model_dir, tmp, out_dtype)
-        if task == "SEQ_CLS":
-            write_merged_config(tmp / "config.json", adapter_obj)  # the classifier class, labels, pad id
-        _copy_side_files(model_dir, tmp, adapter_dir)
+        (tmp / MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        config = _merged_config(base, out_dtype, task, adapter_obj)  # a classifier: its class, labels, pad id
+        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        _copy_side_files(base.path, tmp, adapter_dir)
 
-    side_bytes = sum(f.stat().st_size for f in model_dir.iterdir() if f.name in COPIED and f.is_file())
+    side_bytes = sum(f.stat().st_size for f in base.path.iterdir() if f.name in COPIED and f.is_file())
     # an existing `out` is empty (checked above); a full disk is a UserError saying how much space is needed
     atomic.write_folder(out, write, expected_bytes=sum(e.nbytes for e in entries) + side_bytes)
     return out
 
 
-def verify(base: str | os.PathLike, adapter: str | os.PathLike, merged: str | os.PathLike, *,
+def verify(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, merged: str | os.PathLike, *,
            texts: list[str] | None = None, device: str | None = None) -> dict:
-    """Logits of quantized base + adapter vs the merged folder (plain transformers, fp32) on a few prompts.
-    Returns {max_abs_diff, mean_abs_diff, top1_agreement, positions}."""
-    from transformers import AutoModelForCausalLM
-
-    from qlora_trainer.loading import load_quantized, resolve_device
-
-    if read_adapter(adapter).config.get("task_type") == "SEQ_CLS":
-        from qlora_trainer.classify import verify_merged_classifier
-
-        return verify_merged_classifier(base, adapter, merged, texts=texts or VERIFY_TEXTS, device=device)
-    dev = resolve_device(device)
-    ours = load_quantized(base, compute_dtype="fp32", device=dev, progress=False)
-    load_adapter_into(ours, adapter)
-    ref = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(dev).eval()
-    max_diff, total_diff, agree, positions = 0.0, 0.0, 0, 0
-    with torch.no_grad():
-        for ids in _verify_prompts(Path(merged), ours.config.vocab_size, texts):
-            ids = ids.to(dev)[None]  # (1, T)
-            a, b = ours(ids).logits.float()[0], ref(ids).logits.float()[0]  # (T, V)
-            diff = (a - b).abs()
-            max_diff = max(max_diff, diff.max().item())
-            total_diff += diff.mean(-1).sum().item()
-            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
-            positions += ids.shape[1]
-    return {"max_abs_diff": max_diff, "mean_abs_diff": total_diff / positions, "top1_agreement": agree / positions,
-            "positions": positions}
-
-
-VERIFY_TEXTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n",
-                "Once upon a time, in a small village by the sea,", "Question: what is 17 * 23? Answer:"]
-
-
-def _verify_prompts(model_dir: Path, vocab_size: int, texts: list[str] | None) -> list[torch.Tensor]:
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError):
-        tokenizer = None
-    if tokenizer is None:  # no tokenizer shipped: fixed random token ids
-        gen = torch.Generator().manual_seed(0)
-        return [torch.randint(0, vocab_size, (24,), generator=gen) for _ in range(4)]
-    prompts = []
-    for text in texts or VERIFY_TEXTS:
-        ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        prompts.append(ids.clamp(max=vocab_size - 1))
-    return prompts
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-def run_merge_command(args: argparse.Namespace) -> int:
-    """`qlora-trainer merge` (flags in cli.py)."""
-    out = merge(args.base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
-                max_shard_size=args.max_shard_size, progress=not args.quiet)
-    print(f"merged ({args.into}) into {out}")
-    if args.verify:
-        report = verify(args.base, args.adapter, out)
-        print(f"verify: {report['positions']} positions, max |logit diff| {report['max_abs_diff']:.3g}, "
-              f"mean {report['mean_abs_diff']:.3g}, top-1 agreement {100 * report['top1_agreement']:.1f}%")
-    return 0
-
+    """Logits of quantized base + adapter vs the merged folder (plain transformers, fp32) on a few prompts (a
+    classifier: class logits of a few texts). Returns {max_abs_diff, mean_abs_diff, top1_agreement, positions}."""
+    task = tasks.for_adapter(read_adapter(adapter))
+    return task.verify_merged(base, adapter, merged, texts=texts, device=device)

@@ -12,22 +12,16 @@ choosing the rows' adapters for a batch is one call, not one per layer.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import re
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
-from qlora_trainer.adapter import (CONFIG_FILE, WEIGHTS_FILE, Adapter, _check_shapes, _check_task,
-                                   check_base_fingerprint, read_adapter, verify_weights_checksum)
+from qlora_trainer.adapter import Adapter, validate
 from qlora_trainer.errors import UserError
-from qlora_trainer.generate import eos_ids, load_for_generation, next_token, render_prompt
-from qlora_trainer.lora import _features, lora_modules
+from qlora_trainer.generate import next_token
+from qlora_trainer.lora import device_of, linear_shape, lora_modules
 
 
 class AdapterRouting:
@@ -58,7 +52,7 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base: nn.Module, routing: AdapterRouting):
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = _features(base)
+        self.out_features, self.in_features = linear_shape(base)
         self.routing = routing
         self.lora_A = nn.ParameterDict()  # name -> (r, in)
         self.lora_B = nn.ParameterDict()  # name -> (out, r)
@@ -66,7 +60,7 @@ class MultiLoRALinear(nn.Module):
         base.requires_grad_(False)
 
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        device = next(iter(list(self.base.parameters()) + list(self.base.buffers()))).device
+        device = device_of(self.base)
         self.lora_A[name] = nn.Parameter(A.to(device, torch.float32), requires_grad=False)
         self.lora_B[name] = nn.Parameter(B.to(device, torch.float32), requires_grad=False)
         self.scales[name] = scale
@@ -93,18 +87,13 @@ class MultiLoRALinear(nn.Module):
 def load_adapters_into(model: nn.Module, adapters: dict[str, str | os.PathLike], *,
                        check_base: bool = True) -> AdapterRouting:
     """Wrap every linear that any of `adapters` ({name: folder}) targets in a MultiLoRALinear holding each
-    adapter's A/B; the model must be a fresh base from load_quantized. Returns the shared routing (also kept as
-    model.adapter_routing); call routing.set_rows([...]) before each batch."""
+    adapter's A/B; the model must be a fresh base from load_quantized. Returns the shared routing; call
+    routing.set_rows([...]) before each batch."""
     if lora_modules(model) or any(isinstance(m, MultiLoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA layers: load the adapters into a fresh base model")
     read: dict[str, Adapter] = {}
     for name, folder in adapters.items():
-        adapter = read_adapter(folder)  # the checks load_adapter_into makes, in its order
-        _check_task(model, adapter, Path(folder) / CONFIG_FILE)
-        if check_base:
-            check_base_fingerprint(adapter, model)
-        _check_shapes(model, adapter, Path(folder) / WEIGHTS_FILE)
-        verify_weights_checksum(adapter)
+        adapter = validate(model, folder, check_base=check_base)
         if adapter.extra:
             raise UserError(f"{folder}: has modules_to_save ({', '.join(sorted(adapter.extra))}), fully trained "
                             "modules that rows cannot share: serve this adapter on its own (--adapter DIR)")
@@ -117,7 +106,6 @@ def load_adapters_into(model: nn.Module, adapters: dict[str, str | os.PathLike],
                 layers[path] = MultiLoRALinear(model.get_submodule(path), routing)
                 model.set_submodule(path, layers[path])
             layers[path].add_adapter(name, A, B, adapter.scale)
-    model.adapter_routing = routing
     return routing
 
 
@@ -165,87 +153,3 @@ def generate_batch_ids(model, prompts: list[list[int]], *, max_new_tokens: int, 
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T + 1)
         positions = positions[:, -1:] + 1  # (B, 1)
     return out
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-
-
-def parse_named_adapters(values: list[str]) -> dict[str, str]:
-    """["a=runs/a/adapter", ...] -> {"a": "runs/a/adapter", ...}."""
-    named: dict[str, str] = {}
-    for value in values:
-        name, sep, folder = value.partition("=")
-        if not sep or not _NAME.fullmatch(name) or not folder:
-            raise UserError(f"--adapter {value}: with --prompts, name each adapter: --adapter NAME=DIR "
-                            "(NAME: letters, digits, _ . -), and give the name in the rows' \"adapter\" field")
-        if name in named:
-            raise UserError(f"--adapter {value}: the name {name!r} is given twice")
-        named[name] = folder
-    return named
-
-
-def read_prompt_rows(path: str | os.PathLike, names: set[str]) -> list[dict]:
-    """Rows of a JSONL file: {"prompt": str or "messages": [...], "adapter": NAME or null/absent}."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{file}: no such file: --prompts takes a JSONL file, one {{\"prompt\", \"adapter\"}} per line")
-    rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{file}:{number}: not valid JSON ({err})") from None
-        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str)
-                                             or isinstance(row.get("messages"), list)):
-            raise UserError(f'{file}:{number}: expected an object with "prompt" (a string) or "messages" (a list)')
-        adapter = row.get("adapter")
-        if adapter is not None and adapter not in names:
-            known = ", ".join(sorted(names)) or "none given"
-            raise UserError(f"{file}:{number}: adapter {adapter!r} is not one of the --adapter NAME=DIR given "
-                            f"({known}); use null for the base alone")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"{file}: holds no prompts")
-    return rows
-
-
-def run_prompts_command(args: argparse.Namespace) -> int:
-    """`qlora-trainer generate --prompts FILE.jsonl --adapter NAME=DIR ...`: one JSON line per row, with the row's
-    fields and its "completion", in the file's order."""
-    if args.chat or args.prompt is not None:
-        raise UserError("--prompts takes the prompts from the file: leave out --prompt and --chat")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError(f"need --temperature >= 0 (got {args.temperature}) and 0 < --top-p <= 1 (got {args.top_p})")
-    folders = parse_named_adapters(args.adapter or [])
-    rows = read_prompt_rows(args.prompts, set(folders))
-    model, base_tokenizer = load_for_generation(args.base, compute_dtype=args.dtype, device=args.device)
-    routing = load_adapters_into(model, folders)
-    tokenizers = {None: base_tokenizer}  # an adapter saved with its own tokenizer (a chat template) renders its rows
-    for name, folder in folders.items():
-        own = (Path(folder) / "tokenizer_config.json").is_file()
-        tokenizers[name] = AutoTokenizer.from_pretrained(folder) if own else base_tokenizer
-    chat = False if args.no_chat_template else None
-    eos = eos_ids(model, base_tokenizer)
-    pad = base_tokenizer.pad_token_id if base_tokenizer.pad_token_id is not None else min(eos, default=0)
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start:start + args.batch_size]
-        names = [row.get("adapter") for row in batch]
-        prompts = [render_prompt(tokenizers[n], row["messages"] if "messages" in row else row["prompt"],
-                                 chat=chat)
-                   for n, row in zip(names, batch)]
-        routing.set_rows(names, device)
-        new = generate_batch_ids(model, prompts, max_new_tokens=args.max_new_tokens, eos=eos, pad_id=pad,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        for n, row, ids in zip(names, batch, new):
-            sys.stdout.write(json.dumps({**row, "completion": tokenizers[n].decode(ids, skip_special_tokens=True)},
-                                        ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-    routing.clear()
-    return 0

@@ -1,4 +1,5 @@
-"""NF4 4-bit storage through bitsandbytes. The only module that imports bitsandbytes.
+"""The bitsandbytes boundary: NF4 4-bit storage and the 8-bit optimizers. The only module that imports bitsandbytes,
+so a second backend (torchao NF4, a fused kernel) is one file.
 
 Every quantized weight is NF4 with double quantization (the absmax of each 64-value block is itself
 quantized to 8 bits) and blocksize 64: the settings of the QLoRA paper and of transformers'
@@ -17,8 +18,9 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU path warns 
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
 
+from qlora_trainer.names import NF4_BLOCKSIZE as BLOCKSIZE  # noqa: E402
+
 QUANT_TYPE = "nf4"
-BLOCKSIZE = 64
 DOUBLE_QUANT = True
 
 
@@ -40,6 +42,11 @@ def new_nf4_linear(in_features: int, out_features: int, bias: bool, compute_dtyp
 
 def is_nf4_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_nf4_param(param: torch.Tensor) -> bool:
+    """A packed 4-bit weight (two values per byte)."""
+    return isinstance(param, bnb.nn.Params4bit)
 
 
 # Quantize this many values per call: bitsandbytes' CPU kernel makes temporaries several times the size of

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from qlora_trainer.errors import UserError
+from qlora_trainer.base_model import by_file
+from qlora_trainer.errors import ArgumentError, UserError
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -35,7 +36,7 @@ def parse_size(size: str | int) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", size.upper())
     if not match:
-        raise UserError(f"--max-shard-size {size!r}: use a size like 5GB, 500MB or 150KB")
+        raise ArgumentError("max_shard_size", f"{{arg}} {size!r}: use a size like 5GB, 500MB or 150KB")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     return int(float(number) * base ** " KMGT".index(unit or " "))
@@ -43,11 +44,8 @@ def parse_size(size: str | int) -> int:
 
 def header_entries(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every checkpoint tensor, from the safetensors headers (no tensor data is read)."""
-    by_file: dict[Path, list[str]] = {}
-    for key, file in files.items():
-        by_file.setdefault(file, []).append(key)
     out = {}
-    for file, keys in by_file.items():
+    for file, keys in by_file(files).items():
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 present = set(f.keys())
@@ -89,6 +87,10 @@ class ShardWriter:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()  # little-endian, as on disk
         self.file.write(memoryview(data))
         self.written += 1
+
+    def abort(self) -> None:
+        """Close the file after a failure, without the completeness check (the caller removes it)."""
+        self.file.close()
 
     def close(self) -> None:
         self.file.flush()

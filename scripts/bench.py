@@ -52,7 +52,7 @@ from qlora_trainer.loading import load_quantized, random_quantized  # noqa: E402
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict  # noqa: E402
 from qlora_trainer.loss import CausalLMLoss  # noqa: E402
 from qlora_trainer.quant import make_optimizer  # noqa: E402
-from qlora_trainer.train import enable_checkpointing, train_step  # noqa: E402
+from qlora_trainer.training import enable_checkpointing, train_step  # noqa: E402
 
 TINY = ROOT / "assets" / "tiny-llama"
 LR = 2e-4

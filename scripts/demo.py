@@ -18,13 +18,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
+from qlora_trainer import tasks  # noqa: E402
 from qlora_trainer.adapter import load_adapter_into  # noqa: E402
 from qlora_trainer.config import load_config  # noqa: E402
 from qlora_trainer.data import build_datasets, load_tokenizer, pad_token_id  # noqa: E402
 from qlora_trainer.errors import UserError  # noqa: E402
 from qlora_trainer.loading import load_quantized  # noqa: E402
-from qlora_trainer.loss import CausalLMLoss  # noqa: E402
-from qlora_trainer.train import evaluate, train  # noqa: E402
+from qlora_trainer.train import train  # noqa: E402
 
 
 @torch.no_grad()
@@ -49,8 +49,9 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int = 24, ba
 
 
 def measure(model, tokenizer, cfg, eval_rows, eval_examples) -> tuple[float, float]:
-    loss = evaluate(CausalLMLoss(model, cfg.train.loss_chunk_size), eval_examples, 16, pad_token_id(tokenizer),
-                    "cpu")
+    task = tasks.get(cfg.model.task)
+    loss = task.evaluate(task.loss_module(model, cfg.train.loss_chunk_size), eval_examples, 16,
+                         pad_token_id(tokenizer), "cpu")["eval_loss"]
     return exact_match(model, tokenizer, eval_rows), loss
 
 
@@ -62,7 +63,7 @@ def main(overrides: list[str]) -> int:
         if getattr(section, key) and not Path(getattr(section, key)).is_absolute():
             setattr(section, key, str(REPO / getattr(section, key)))  # configs/tiny.yaml paths are repo-relative
     cfg.resume = cfg.resume or (Path(cfg.out) / "checkpoints").is_dir()
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
     eval_rows = [json.loads(line) for line in Path(cfg.data.eval_path).read_text().splitlines() if line.strip()]
     _, eval_examples, _ = build_datasets(cfg.data, tokenizer, cfg.train.seed)
 
@@ -75,15 +76,15 @@ def main(overrides: list[str]) -> int:
     minutes = (time.perf_counter() - started) / 60
 
     tuned = load_quantized(cfg.model.path, compute_dtype=cfg.model.compute_dtype, device="cpu", progress=False)
-    load_adapter_into(tuned, result.out / "adapter")
+    load_adapter_into(tuned, result.adapter)
     after = measure(tuned, tokenizer, cfg, eval_rows, eval_examples)
     task = eval_rows[0]["messages"][0]["content"]
     print(f"\ntask: {len(eval_rows)} held-out prompts like {task!r}\n"
           f"{'':14}{'exact match':>12}{'eval loss':>11}\n"
           f"{'base model':14}{before[0]:>12.1%}{before[1]:>11.3f}\n"
           f"{'+ adapter':14}{after[0]:>12.1%}{after[1]:>11.3f}\n"
-          f"trained {result.steps} steps in {minutes:.1f} min; adapter in {result.out / 'adapter'}, "
-          f"metrics in {result.out / 'metrics.jsonl'}, plot in {result.out / 'loss.png'}")
+          f"trained {result.steps} steps in {minutes:.1f} min; adapter in {result.adapter}, "
+          f"metrics in {result.metrics}, plot in {result.plot}")
     return 0
 
 

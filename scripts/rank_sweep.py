@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,63 +24,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere, installed or not
 
-from qlora_trainer import classify  # noqa: E402
 from qlora_trainer.adapter import read_adapter  # noqa: E402
 from qlora_trainer.config import load_config  # noqa: E402
-from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id  # noqa: E402
 from qlora_trainer.errors import UserError  # noqa: E402
-from qlora_trainer.loading import load_quantized  # noqa: E402
-from qlora_trainer.lora import trainable_parameter_summary  # noqa: E402
-from qlora_trainer.quant import make_optimizer  # noqa: E402
 from qlora_trainer.spectrum import spectra  # noqa: E402
-from qlora_trainer.train import batch_indices, lr_at, set_seed, train, train_step  # noqa: E402
-
-SUMMARY = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)")
+from qlora_trainer.train import Run, train  # noqa: E402
 
 
 def run_rank(cfg, rank: int, out: Path, log) -> dict:
     """Train cfg at `rank` into out; the row of the table."""
-    lines: list[str] = []
     start = time.perf_counter()
-    result = train(cfg, progress=False, log=lines.append)
+    result = train(cfg, progress=False, log=lambda *_: None)
     seconds = time.perf_counter() - start
-    trainable, total = (int(x.replace(",", "")) for x in SUMMARY.search("\n".join(lines)).groups())
-    adapter = read_adapter(out / "adapter")
+    adapter = read_adapter(result.adapter)
     found = spectra(adapter.weights, adapter.scale, adapter.r)
     energy = sum(s.rank90 for s in found) / len(found)
-    row = {"rank": rank, "trainable": trainable, "total": total, "seconds": round(seconds, 1),
-           "energy_rank90": round(energy, 2), **result.eval_metrics}
+    row = {"rank": rank, "trainable": result.trainable_params, "total": result.total_params,
+           "seconds": round(seconds, 1), "energy_rank90": round(energy, 2), **result.eval_metrics}
     log(_format_row(row))
     return row
 
 
-def run_head_only(cfg, log) -> dict:
-    """Rank 0 of a classifier: the new head alone, with train.py's own step, schedule and data order."""
-    tokenizer = load_tokenizer(cfg)
-    train_examples, eval_examples, stats = build_datasets(cfg.data, tokenizer, cfg.train.seed, cfg.model.num_labels)
-    labels = classify.label_names_for(cfg.model.num_labels, stats)
-    start = time.perf_counter()
-    set_seed(cfg.train.seed)
-    model = load_quantized(cfg.model.path, compute_dtype=cfg.model.compute_dtype, task="classification",
-                           num_labels=len(labels), progress=False)
-    pad = pad_token_id(tokenizer)
-    params = classify.prepare_head(model, labels, pad)
-    trainable, total, _ = trainable_parameter_summary(model)
-    model.train()
-    optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
-    loss_model = classify.ClassifierLoss(model)
-    device = next(model.parameters()).device
-    from accelerate import Accelerator
+class HeadOnlyRun(Run):
+    """Rank 0 of a classifier: the run's own data, step, schedule and data order, with no LoRA at all."""
 
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+    def _apply_lora(self) -> None:
+        pass
+
+
+def run_head_only(cfg, log) -> dict:
+    """Train the new head alone (no checkpoints, no adapter: there is no LoRA to save) and evaluate it."""
+    start = time.perf_counter()
+    run = HeadOnlyRun(cfg, progress=False, log=lambda *_: None).setup()
     for step in range(cfg.train.max_steps):
-        indices = batch_indices(step, len(train_examples), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
-        micro = [{k: v.to(device) for k, v in collate([train_examples[i] for i in idx], pad).items()}
-                 for idx in indices]
-        train_step(loss_model, micro, optimizer, params, lr_at(step, cfg.train), cfg.train.max_grad_norm, accelerator)
-    metrics = classify.evaluate_classifier(loss_model, eval_examples, cfg.train.batch_size, pad, device)
-    row = {"rank": 0, "trainable": trainable, "total": total, "seconds": round(time.perf_counter() - start, 1),
-           "energy_rank90": None, **metrics}
+        run.step(step)
+    row = {"rank": 0, "trainable": run.trainable_params, "total": run.total_params,
+           "seconds": round(time.perf_counter() - start, 1), "energy_rank90": None, **run.evaluate()}
     log(_format_row(row))
     return row
 
@@ -158,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rank sweep of {args.config} ({base.model.task}, {base.model.path}) into {out}; alpha = {ratio:g} * r")
         print(table([], base.model.task == "classification"))
         if base.model.task == "classification" and not args.no_head_only:
-            rows.append(run_head_only(base, print))
+            head_only = load_config(args.config, list(args.overrides) + [f"out={out / 'r0'}"])
+            rows.append(run_head_only(head_only, print))
         for rank in ranks:
             cfg = load_config(args.config, list(args.overrides) + [f"lora.r={rank}", f"lora.alpha={ratio * rank}",
                                                                     f"out={out / f'r{rank}'}"])

@@ -13,12 +13,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
-from qlora_trainer import adapter as adapter_mod
 from qlora_trainer import atomic
 from qlora_trainer.adapter import (CONFIG_FILE, OURS_FILE, WEIGHTS_FILE, base_fingerprint, check_base_fingerprint,
                                    load_adapter_into, read_adapter, save_adapter)
 from qlora_trainer.errors import UserError
-from qlora_trainer.loading import load_quantized
+from qlora_trainer.loading import load_quantized, meta_model
 from qlora_trainer.lora import apply_lora, lora_modules
 from tests.tiny_models import transformers_nf4, write_tiny_llama
 
@@ -46,8 +45,8 @@ def small_base(tmp_path_factory):
     return write_tiny_llama(tmp_path_factory.mktemp("small") / "base")
 
 
-def _save(model, out, r=8, alpha=16, **kwargs):
-    return save_adapter(model, out, base_model_name_or_path="tiny-llama", r=r, alpha=alpha, dropout=0.0, **kwargs)
+def _save(model, out, **kwargs):
+    return save_adapter(model, out, base_model_name_or_path="tiny-llama", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def test_config_and_tensors_are_in_peft_layout(small_base, saved, tmp_path):
             assert torch.equal(A, layer.lora_A) and torch.equal(B, layer.lora_B)
         assert len(list(f.keys())) == 2 * len(lora_modules(model))
     adapter = read_adapter(folder)
-    assert adapter.scale == 2.0 and adapter.extra == {} and adapter.fingerprint == base_fingerprint(small_base)
+    assert adapter.scale == 2.0 and adapter.extra == {} and adapter.fingerprint == base_fingerprint(meta_model(small_base))
     assert adapter.compute_dtype == "fp32"
 
 
@@ -127,7 +126,7 @@ def test_partly_wrapped_short_name_is_written_as_full_paths(small_base, tmp_path
     model = _ours(small_base)
     apply_lora(model, ["model.layers.1.self_attn.q_proj", "v_proj"], r=4, alpha=4)
     _randomize(model)
-    folder = _save(model, tmp_path / "a", r=4, alpha=4)
+    folder = _save(model, tmp_path / "a")
     config = json.loads((folder / CONFIG_FILE).read_text())
     assert config["target_modules"] == ["model.layers.1.self_attn.q_proj", "v_proj"]
     fresh = _ours(small_base)
@@ -144,15 +143,15 @@ def small_adapter(small_base, tmp_path_factory):
     model = _ours(base)
     apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
     _randomize(model)
-    return base, save_adapter(model, root / "adapter", base_model_name_or_path=str(base), r=4, alpha=8, dropout=0.0)
+    return base, save_adapter(model, root / "adapter", base_model_name_or_path=str(base))
 
 
 def test_adapter_over_a_base_with_more_layers_is_refused(small_adapter, tmp_path):
     _, folder = small_adapter
     deeper = write_tiny_llama(tmp_path / "deeper", num_hidden_layers=3)
     message = rf"{folder / OURS_FILE}: .*different base.*num_hidden_layers=2 \(adapter\) vs 3"
-    with pytest.raises(UserError, match=message):  # from the config alone, as merge does
-        check_base_fingerprint(read_adapter(folder), deeper)
+    with pytest.raises(UserError, match=message):  # from the config alone (a meta-device model), as merge does
+        check_base_fingerprint(read_adapter(folder), meta_model(deeper))
     other = _ours(deeper)
     with pytest.raises(UserError, match=message):
         load_adapter_into(other, folder)
@@ -325,8 +324,8 @@ def test_classifier_head_in_modules_to_save_goes_both_ways(tmp_path):
         torch.testing.assert_close(ours(ids).logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
     # Ours writes the head the way PEFT does, and reads it back.
-    folder = save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(small_base), r=4, alpha=8,
-                          dropout=0.0, task_type="SEQ_CLS", extra_config={"modules_to_save": ["classifier", "score"]})
+    folder = save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(small_base), task_type="SEQ_CLS",
+                          modules_to_save=["classifier", "score"])
     back = read_adapter(folder)
     assert torch.equal(back.extra["score.weight"], ours.score.weight)
     assert set(safetensors.torch.load_file(folder / WEIGHTS_FILE)) == \

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from qlora_trainer import checkpoint as ckpt
-from qlora_trainer import classify, quant
+from qlora_trainer import quant, tasks
 from qlora_trainer import train as train_mod
 from qlora_trainer.adapter import save_adapter
 from qlora_trainer.cli import main
@@ -24,6 +24,7 @@ from qlora_trainer.data import collate
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora
 from qlora_trainer.merge import merge
+from qlora_trainer.tasks.classification import label_names_of, prepare_head
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = REPO / "assets" / "tiny-llama"
@@ -69,14 +70,13 @@ def _our_classifier(path: Path, out: Path, seed: int = 0):
     model = load_quantized(path, compute_dtype="fp32", device="cpu", task="classification", num_labels=3,
                            progress=False)
     apply_lora(model, r=4, alpha=8)
-    classify.prepare_head(model, NAMES)
+    prepare_head(model, NAMES)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name or name == "score.weight":
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    save_adapter(model, out, base_model_name_or_path=str(path), r=4, alpha=8, dropout=0.0,
-                 **classify.adapter_settings(model))
+    save_adapter(model, out, base_model_name_or_path=str(path), **tasks.get("classification").adapter_settings(model))
     return model.eval()
 
 
@@ -116,7 +116,9 @@ def test_seq_cls_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base, tmp_
             if "lora_B" in name or ("modules_to_save" in name and "score" in name):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
     peft_model.save_pretrained(tmp_path / "peft")
-    loaded, _, names = classify.load_classifier(base, tmp_path / "peft", compute_dtype="fp32", device="cpu")
+    loaded, _ = tasks.get("classification").load_with_adapter(base, tmp_path / "peft", compute_dtype="fp32",
+                                                              device="cpu")
+    names = label_names_of(loaded)
     assert names == ["LABEL_0", "LABEL_1", "LABEL_2"]
     torch.testing.assert_close(_logits(loaded, batch), _logits(peft_model.eval(), batch), atol=1e-5, rtol=1e-5)
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from tests.conftest import CHAT_TEMPLATE, ids, make_tokenizer
+from qlora_trainer.cli import main
 from qlora_trainer.config import DataConfig
-from qlora_trainer.data import (IGNORE, build_datasets, collate, load_rows, pack, preview, run_data_command,
+from qlora_trainer.data import (build_datasets, collate, load_rows, pack, preview,
                                 tokenize_row)
 from qlora_trainer.errors import UserError
+from qlora_trainer.names import IGNORE_INDEX
 
-X = IGNORE
+X = IGNORE_INDEX
 ALPACA_PROMPT = ("Below is an instruction that describes a task . Write a response that appropriately completes "
                  "the request . ### Instruction : {} ### Response :")
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task , paired with an input that provides further "
@@ -385,6 +387,6 @@ def test_run_data_command_prints_the_preview(tmp_path, tok, capsys):
     data = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{path: {tmp_path / 'model'}}}\ndata: {{path: {data}, format: chat}}\nout: x\n")
-    assert run_data_command(str(config), ["data.eval_fraction=0", "data.packing=true"]) == 0
+    assert main(["data", str(config), "data.eval_fraction=0", "data.packing=true"]) == 0
     out = capsys.readouterr().out
     assert "[[hello there </s>]]" in out and "[[5 </s>]]" in out and "packed into 1 rows" in out

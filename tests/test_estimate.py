@@ -4,23 +4,23 @@ search functions against the estimate itself."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import (
     GIB,
     RunSettings,
-    add_estimate_parser,
     estimate_memory,
     max_batch_that_fits,
     max_seq_len_that_fits,
     nf4_bytes,
-    read_config,
+    read_config_json,
     shape_from_config,
 )
 
@@ -175,16 +175,9 @@ def test_nothing_fits_gives_zero():
 # ----------------------------------------------------------------------------------------- input / CLI
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser()
-    add_estimate_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
-
-
 def test_cli_prints_table_and_fits(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
-    args = parse(["estimate", "--model", str(tmp_path), "--seq-len", "4096", "--rank", "16"])  # DESIGN's flags
-    assert args.func(args) == 0
+    assert main(["estimate", "--model", str(tmp_path), "--seq-len", "4096", "--rank", "16"]) == 0  # DESIGN's flags
     out = capsys.readouterr().out
     assert "total (peak)" in out and "optimizer state (paged_adamw_8bit)" in out
     run = RunSettings(seq_len=4096, rank=16)
@@ -196,14 +189,14 @@ def test_model_from_config_json_path_and_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     (tmp_path / "config.json").write_text(json.dumps(TINY))
-    assert read_config(tmp_path / "config.json")[0] == TINY
+    assert read_config_json(tmp_path / "config.json")[0] == TINY
     snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps(TINY))
     (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert read_config("org/tiny")[0] == TINY
+    assert read_config_json("org/tiny")[0] == TINY
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -216,15 +209,14 @@ def test_model_from_config_json_path_and_hub_cache(tmp_path, monkeypatch):
     (["--model", "EMPTY"], "no config.json"),
     (["--model", "EMPTY/bad.json"], "bad.json"),
 ])
-def test_bad_input_names_the_flag_or_file(tmp_path, argv, names):
+def test_bad_input_names_the_flag_or_file(tmp_path, capsys, argv, names):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(TINY))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "bad.json").write_text("{not json")
     argv = [a.replace("MODEL", str(tmp_path / "m")).replace("EMPTY", str(tmp_path / "empty")) for a in argv]
-    args = parse(["estimate", *argv])
-    with pytest.raises(UserError, match=names):
-        args.func(args)
+    assert main(["estimate", *argv]) == 2
+    assert re.search(names, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("change, names", [

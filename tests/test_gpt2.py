@@ -18,7 +18,7 @@ from qlora_trainer import quant
 from qlora_trainer.adapter import load_adapter_into, save_adapter
 from qlora_trainer.cli import main
 from qlora_trainer.generate import generate_ids
-from qlora_trainer.loading import load_quantized
+from qlora_trainer.loading import load_info, load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, resolve_targets
 from qlora_trainer.merge import merge
 from tests.tiny_models import transformers_nf4
@@ -54,8 +54,7 @@ def ours_adapter(gpt2, tmp_path_factory):
     model = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
     apply_lora(model, r=4, alpha=8)
     _randomize_b(model.named_parameters())
-    out = save_adapter(model, tmp_path_factory.mktemp("ours") / "adapter", base_model_name_or_path=str(gpt2), r=4,
-                       alpha=8, dropout=0.0)
+    out = save_adapter(model, tmp_path_factory.mktemp("ours") / "adapter", base_model_name_or_path=str(gpt2))
     return model, out
 
 
@@ -77,7 +76,7 @@ def test_conv1d_weights_quantize_bit_equal_to_transformers(gpt2):
     ref_layers = {n: m for n, m in ref.named_modules() if quant.is_nf4_linear(m)}
     assert set(ours_layers) == set(ref_layers)
     assert {n.rsplit(".", 1)[-1] for n in ours_layers} == CONV1D_KINDS and len(ours_layers) == 4 * 2
-    assert set(ours._qlora_swapped.values()) == {"conv1d"}
+    assert set(load_info(ours).swapped.values()) == {"conv1d"}
     for name, layer in ours_layers.items():
         theirs = ref_layers[name].weight
         assert (layer.out_features, layer.in_features) == (ref_layers[name].out_features, ref_layers[name].in_features)

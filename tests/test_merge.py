@@ -269,10 +269,10 @@ PEAK_SCRIPT = textwrap.dedent("""
 
     import torch
     from qlora_trainer import quant
-    from qlora_trainer.loading import build_empty_model, read_config, resolve_model_dir
+    from qlora_trainer.loading import meta_model
 
     # Imports and one-time set-up (kernels, the architecture's module) are not the merge: warm them first.
-    build_empty_model(read_config(resolve_model_dir(sys.argv[1])))
+    meta_model(sys.argv[1])
     quant.quantize_dequantize(torch.randn(64, 64, dtype=torch.bfloat16))
     before = hwm()
     merge(sys.argv[1], sys.argv[2], sys.argv[3], compute_dtype="bf16", max_shard_size="40MB", progress=False)
@@ -347,7 +347,7 @@ def _our_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for layer in lora_modules(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
-    save_adapter(model, out, base_model_name_or_path=str(base), r=4, alpha=8, dropout=0.0)
+    save_adapter(model, out, base_model_name_or_path=str(base))
     return model
 
 

@@ -42,8 +42,7 @@ def _write_adapters(model, out, specs):
             for layer in lora_modules(model).values():
                 layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) * std)
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
-        folders[name] = save_adapter(model, out / name, base_model_name_or_path="t", r=r, alpha=alpha, dropout=0.0,
-                                     use_rslora=rslora)
+        folders[name] = save_adapter(model, out / name, base_model_name_or_path="t")
         _unwrap(model)
     return folders
 

@@ -37,7 +37,6 @@ from .tiny_models import write_tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "assets" / "tiny-llama"
 DEMO = REPO / "data" / "demo"
-ADAPTER_KW = dict(r=4, alpha=8.0, dropout=0.0)
 
 
 # ------------------------------------------------------------------------------------------ shared material
@@ -56,7 +55,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         with torch.no_grad():
             for layer in lora_modules(model).values():
                 layer.lora_B.normal_(std=0.02)
-        save_adapter(model, root / name, base_model_name_or_path=str(base), **ADAPTER_KW)
+        save_adapter(model, root / name, base_model_name_or_path=str(base))
         paths[name] = root / name
     return paths
 
@@ -318,11 +317,11 @@ def test_enough_bad_input_cases():
 def test_a_library_message_over_several_lines_is_printed_as_one(monkeypatch, capsys):
     from qlora_trainer import estimate
 
-    def fail(args):
+    def fail(model):
         raise UserError("config.json: unsupported architecture: The checkpoint has model type `x`\n\nbut Transformers "
                         "does not recognize it.\nUpgrade.")
 
-    monkeypatch.setattr(estimate, "run_estimate_command", fail)
+    monkeypatch.setattr(estimate, "read_config_json", fail)
     code, _, err = run_cli(["estimate", "--model", "x"], capsys)
     assert code == 2 and err == ("error: config.json: unsupported architecture: The checkpoint has model type `x` "
                                  "but Transformers does not recognize it. Upgrade.\n")

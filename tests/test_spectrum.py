@@ -13,8 +13,8 @@ from qlora_trainer.adapter import load_adapter_into, read_adapter, save_adapter
 from qlora_trainer.cli import main
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, delta_weight, lora_modules
-from qlora_trainer.spectrum import (ModuleSpectrum, energy_rank, factored_svd, model_spectra, plot, spectra,
-                                    truncate, verdict, write_truncated)
+from qlora_trainer.inspect_adapter import plot, write_truncated
+from qlora_trainer.spectrum import ModuleSpectrum, energy_rank, factored_svd, model_spectra, spectra, truncate, verdict
 from tests.tiny_models import transformers_nf4, write_tiny_llama
 
 
@@ -124,7 +124,7 @@ def source(base, tmp_path_factory):
     found = model_spectra(model)
     assert len(found) == len(lora_modules(model)) and all(s.rank99 > 0 for s in found)
     model.source_folder = save_adapter(model, tmp_path_factory.mktemp("src") / "adapter",
-                                       base_model_name_or_path=str(base), r=8, alpha=16, dropout=0.0)
+                                       base_model_name_or_path=str(base))
     return model
 
 

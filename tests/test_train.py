@@ -14,6 +14,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import train as train_mod
+from qlora_trainer import training
 from qlora_trainer.config import build_config
 from qlora_trainer.data import collate
 from qlora_trainer.errors import UserError
@@ -156,7 +157,7 @@ def test_lr_schedule_matches_transformers(schedule, reference, tmp_path):
     sched = reference(opt, num_warmup_steps=5, num_training_steps=50)
     for step in range(50):
         if step > 0:  # transformers' warmup starts at 0; ours starts at lr/warmup so step 0 is not wasted
-            assert math.isclose(train_mod.lr_at(step, cfg), sched.get_last_lr()[0] * (1 if step >= 5 else
+            assert math.isclose(training.lr_at(step, cfg), sched.get_last_lr()[0] * (1 if step >= 5 else
                                 (step + 1) / step), rel_tol=1e-9, abs_tol=1e-12), step
         opt.step()
         sched.step()
@@ -164,12 +165,12 @@ def test_lr_schedule_matches_transformers(schedule, reference, tmp_path):
 
 def test_every_epoch_visits_each_example_once():
     n, batch, accum = 10, 3, 2
-    seen = [i for step in range(10) for mb in train_mod.batch_indices(step, n, batch, accum, seed=7) for i in mb]
+    seen = [i for step in range(10) for mb in training.batch_indices(step, n, batch, accum, seed=7) for i in mb]
     assert len(seen) == 60
     for epoch in range(6):
         assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
     assert seen[:n] != seen[n:2 * n]  # a new order each epoch
-    assert train_mod.batch_indices(4, n, batch, accum, seed=7) == train_mod.batch_indices(4, n, batch, accum, seed=7)
+    assert training.batch_indices(4, n, batch, accum, seed=7) == training.batch_indices(4, n, batch, accum, seed=7)
 
 
 def test_gradient_accumulation_weights_every_token_equally(tmp_path):
@@ -179,7 +180,7 @@ def test_gradient_accumulation_weights_every_token_equally(tmp_path):
     from qlora_trainer.data import build_datasets, load_tokenizer
 
     cfg = _config(tmp_path)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
     examples, _, _ = build_datasets(cfg.data, tokenizer)
     short, long_ = examples[0], max(examples[:50], key=lambda e: len(e["input_ids"]))
     grads = []
@@ -194,7 +195,7 @@ def test_gradient_accumulation_weights_every_token_equally(tmp_path):
         opt = torch.optim.SGD(params, lr=0.0)
         captured = {}
         opt.step = lambda: captured.update({i: p.grad.clone() for i, p in enumerate(params)})
-        train_mod.train_step(CausalLMLoss(model), micro, opt, params, 0.0, 1e9, Accelerator(cpu=True))
+        training.train_step(CausalLMLoss(model), micro, opt, params, 0.0, 1e9, Accelerator(cpu=True))
         grads.append(captured)
     for i in grads[0]:
         torch.testing.assert_close(grads[0][i], grads[1][i], rtol=1e-4, atol=1e-7)
@@ -205,7 +206,7 @@ def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(tmp_path):
     from qlora_trainer.data import build_datasets, load_tokenizer, pack
 
     cfg = _config(tmp_path)
-    examples, _, _ = build_datasets(cfg.data, load_tokenizer(cfg))
+    examples, _, _ = build_datasets(cfg.data, load_tokenizer(cfg.model.path))
     some = examples[:5]
     model = load_quantized(TINY_MODEL, compute_dtype="fp32", device="cpu", progress=False)
     loss_model = CausalLMLoss(model)

@@ -1,0 +1,46 @@
+"""The command line: one module per command, each with HELP, add_arguments(parser) and run(args) -> int.
+
+Every parser and every handler lives here; the library below never sees an argparse Namespace. Handlers turn flags
+into keyword arguments and print results. A UserError becomes one clear line on stderr and exit code 2 (an
+ArgumentError names the flag, e.g. --out, where the library names the argument, out). Command modules import
+the library inside run(), so `--help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qlora_trainer.cli import classify, data, estimate, generate, inspect, merge, summary, train
+from qlora_trainer.errors import ArgumentError, UserError
+
+COMMANDS = {"train": train, "data": data, "summary": summary, "merge": merge, "generate": generate,
+            "inspect": inspect, "classify": classify, "estimate": estimate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-trainer", description="QLoRA fine-tuning on one GPU.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.HELP, description=getattr(command, "DESCRIPTION", None))
+        command.add_arguments(p)
+        p.set_defaults(run=command.run, flags=getattr(command, "FLAGS", {}))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        text = err.as_flag(args.flags) if isinstance(err, ArgumentError) else str(err)
+        # One line, whatever a library put into the text we quote (transformers' messages span several).
+        print("error: " + " ".join(line.strip() for line in text.splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

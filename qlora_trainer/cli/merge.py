@@ -1,0 +1,43 @@
+"""`qlora-trainer merge --base DIR --adapter DIR --out DIR`: a standard transformers folder of base + adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+from qlora_trainer.names import DTYPE_NAMES
+
+HELP = "fold an adapter into its base and write a standard model folder"
+DESCRIPTION = ("Stream the base checkpoint shard by shard, add scale * B @ A to each LoRA target, and write a folder "
+               "plain transformers loads.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="the full-precision base model folder the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the checkpoint's own dtype)")
+    p.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+                   help="dequantized: add to the NF4-rounded weights training saw (default); "
+                        "original: add to the unquantized weights")
+    p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
+                   help="dtype weights were cast to before NF4 in training (default: recorded with the adapter, "
+                        "else bf16; CPU training uses fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits of quantized base + adapter and the merged model on a few prompts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qlora_trainer.base_model import resolve_base
+    from qlora_trainer.merge import merge, verify
+
+    base = resolve_base(args.base)
+    out = merge(base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
+                max_shard_size=args.max_shard_size, progress=not args.quiet)
+    print(f"merged ({args.into}) into {out}")
+    if args.verify:
+        report = verify(base, args.adapter, out)
+        print(f"verify: {report['positions']} positions, max |logit diff| {report['max_abs_diff']:.3g}, "
+              f"mean {report['mean_abs_diff']:.3g}, top-1 agreement {100 * report['top1_agreement']:.1f}%")
+    return 0

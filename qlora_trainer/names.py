@@ -1,0 +1,66 @@
+"""The project's shared vocabulary, in one place: dtype, optimizer and task names, target keywords, file names.
+
+Plain Python, no torch at import time, so the CLI's --help, config validation and `estimate` stay light.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------------ dtypes
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # what users write (model.compute_dtype, --dtype, qlora_trainer.json)
+AUTO = "auto"  # compute dtype: bf16 on GPU, fp32 on CPU
+COMPUTE_DTYPES = (AUTO,) + DTYPE_NAMES
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+CONFIG_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config.json's `dtype` values
+
+
+def torch_dtype(name: str):
+    """"bf16" -> torch.bfloat16 (ValueError for a name outside DTYPE_NAMES)."""
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype name {name!r}: use one of {', '.join(DTYPE_NAMES)}")
+    return table[name]
+
+
+def dtype_name(dtype) -> str | None:
+    """torch.bfloat16 -> "bf16"; None for a dtype without a short name."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # torch AdamW; bitsandbytes 8-bit (paged) AdamW
+SCHEDULES = ("cosine", "linear", "constant")
+IGNORE_INDEX = -100  # label of a token that has no loss (transformers' convention)
+
+# ------------------------------------------------------------------------------------------ tasks
+
+CAUSAL_LM = "causal_lm"
+CLASSIFICATION = "classification"
+TASKS = (CAUSAL_LM, CLASSIFICATION)
+# PEFT's task_type for each task, as written in adapter_config.json.
+PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
+DATA_FORMATS = ("text", "alpaca", "completion", "chat", "classification")
+
+# ------------------------------------------------------------------------------------------ LoRA and NF4
+
+ALL_LINEAR = "all-linear"  # every linear layer but the output layer (PEFT's keyword)
+NF4_BLOCKSIZE = 64  # values per NF4 block; bitsandbytes' CPU kernels need in_features to be a multiple
+
+# ------------------------------------------------------------------------------------------ files
+
+MODEL_CONFIG_FILE = "config.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_RECORD_FILE = "qlora_trainer.json"  # ours, beside PEFT's files: base fingerprint, compute dtype, labels
+RUN_CONFIG_FILE = "config.yaml"  # OUT/config.yaml: the fully resolved config of a run
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+ADAPTER_DIR = "adapter"  # OUT/adapter
+CHECKPOINTS_DIR = "checkpoints"  # OUT/checkpoints/step-NNNNNN
