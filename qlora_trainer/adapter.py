@@ -21,14 +21,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import atomic
-from qlora_trainer.errors import UserError
+from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.fingerprint import base_fingerprint, fingerprint_differences, linear_shapes
 from qlora_trainer.lora import apply_lora, lora_modules, lora_scale, matches_target
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, ALL_LINEAR,
                                  DTYPE_NAMES, PEFT_TASK_TYPES, CAUSAL_LM, CLASSIFICATION, dtype_name)
 from qlora_trainer.peft_layout import PREFIX, Factors, adapter_record, peft_config, write_adapter_files
 
-CONFIG_FILE, WEIGHTS_FILE, OURS_FILE = ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ADAPTER_RECORD_FILE
 SEQ_CLS = PEFT_TASK_TYPES[CLASSIFICATION]
 
 
@@ -97,9 +96,9 @@ def write_model_adapter(model: nn.Module, folder: Path, *, base_model_name_or_pa
                          "PEFT's layout holds one setting for all")
     (r, alpha, dropout, use_rslora), = settings
     config = peft_config(base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
-                         use_rslora=use_rslora, task_type=task_type, target_modules=_target_modules(model, list(layers)),
-                         fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()),
-                         modules_to_save=modules_to_save)
+                         use_rslora=use_rslora, task_type=task_type, modules_to_save=modules_to_save,
+                         target_modules=_target_modules(model, list(layers)),
+                         fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()))
     weights = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
     record = adapter_record(compute_dtype=_compute_dtype_name(model), fingerprint=base_fingerprint(model),
                             classifier=classifier)
@@ -109,7 +108,7 @@ def write_model_adapter(model: nn.Module, folder: Path, *, base_model_name_or_pa
 
 def replaceable(folder: Path) -> bool:
     """An adapter folder (or an empty one) that a new adapter may replace."""
-    return folder.is_dir() and ((folder / CONFIG_FILE).is_file() or not any(folder.iterdir()))
+    return folder.is_dir() and ((folder / ADAPTER_CONFIG_FILE).is_file() or not any(folder.iterdir()))
 
 
 def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
@@ -150,11 +149,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     folder = Path(adapter_dir)
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "no such folder"
-        raise UserError(f"{folder}: {what}: point --adapter at an adapter folder "
-                        f"({CONFIG_FILE} + {WEIGHTS_FILE})")
-    config = _read_config(folder / CONFIG_FILE)
-    weights, extra = _read_weights(folder / WEIGHTS_FILE, config)
-    ours = _read_ours(folder / OURS_FILE)
+        raise ArgumentError("adapter", f"{folder}: {what}: point {{arg}} at an adapter folder "
+                                       f"({ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE})")
+    config = _read_config(folder / ADAPTER_CONFIG_FILE)
+    weights, extra = _read_weights(folder / ADAPTER_WEIGHTS_FILE, config)
+    ours = _read_ours(folder / ADAPTER_RECORD_FILE)
     return Adapter(config=config, weights=weights, scale=lora_scale(config["r"], config["lora_alpha"],
                                                                     config["use_rslora"]),
                    extra=extra, fingerprint=ours.get("base_fingerprint"), compute_dtype=ours.get("compute_dtype"),
@@ -257,12 +256,12 @@ def _read_weights(file: Path, config: dict) -> tuple[dict, dict]:
         A, B = (_checked(file, f"{PREFIX}{module}.{h}.weight", pair[h]) for h in ("lora_A", "lora_B"))
         if A.shape[0] != r or B.shape[1] != r:
             raise UserError(f"{file}: {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
-                            f"which is not rank r={r} from {CONFIG_FILE}: the config and the weights disagree")
+                            f"which is not rank r={r} from {ADAPTER_CONFIG_FILE}: the config and the weights disagree")
         weights[module] = (A, B)
     if isinstance(targets, list):
         for target in targets:
             if not any(_matches_targets(m, [target]) for m in weights):
-                raise UserError(f"{file}: no LoRA weights for target module {target!r} named in {CONFIG_FILE}: "
+                raise UserError(f"{file}: no LoRA weights for target module {target!r} named in {ADAPTER_CONFIG_FILE}: "
                                 "the file is incomplete")
     extra = {name: _checked(file, PREFIX + name, t, matrix=False) for name, t in sorted(extra.items())}
     return weights, extra
@@ -327,7 +326,7 @@ def check_base_fingerprint(adapter: Adapter, model: nn.Module) -> None:
         return
     diffs = fingerprint_differences(adapter.fingerprint, base_fingerprint(model))
     if diffs:
-        raise UserError(f"{adapter.file(OURS_FILE)}: this adapter was trained on a different base model "
+        raise UserError(f"{adapter.file(ADAPTER_RECORD_FILE)}: this adapter was trained on a different base model "
                         f"({adapter.config.get('base_model_name_or_path')}): {'; '.join(diffs)}. "
                         "Load it over the base it was trained on")
 
@@ -338,11 +337,11 @@ def verify_weights_checksum(adapter: Adapter) -> None:
     structural and shape checks, so that those name what is wrong when they can."""
     if adapter.weights_sha256 is None or adapter.path is None:
         return
-    file = adapter.file(WEIGHTS_FILE)
+    file = adapter.file(ADAPTER_WEIGHTS_FILE)
     if atomic.file_sha256(file) != adapter.weights_sha256:
-        raise UserError(f"{file}: checksum mismatch with {OURS_FILE}: the weights are corrupt or were changed after "
-                        f"they were saved; save or copy the adapter again (if you changed them on purpose, delete "
-                        f"{OURS_FILE}, which also turns off the check of the base model)")
+        raise UserError(f"{file}: checksum mismatch with {ADAPTER_RECORD_FILE}: the weights are corrupt or were "
+                        f"changed after they were saved; save or copy the adapter again (if you changed them on purpose, "
+                        f"delete {ADAPTER_RECORD_FILE}, which also turns off the check of the base model)")
 
 
 def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check_base: bool = True) -> Adapter:
@@ -378,7 +377,7 @@ def _is_classifier(model: nn.Module) -> bool:
 
 def _check_task(model: nn.Module, adapter: Adapter) -> None:
     """A classification (SEQ_CLS) adapter goes on a classifier, any other on a causal LM."""
-    file = adapter.file(CONFIG_FILE)
+    file = adapter.file(ADAPTER_CONFIG_FILE)
     task = adapter.config.get("task_type")
     if task == SEQ_CLS and not _is_classifier(model):
         raise UserError(f"{file}: task_type SEQ_CLS: this is a classification adapter, not a causal LM's; "
@@ -389,7 +388,7 @@ def _check_task(model: nn.Module, adapter: Adapter) -> None:
 
 
 def _check_shapes(model: nn.Module, adapter: Adapter) -> None:
-    file = adapter.file(WEIGHTS_FILE)
+    file = adapter.file(ADAPTER_WEIGHTS_FILE)
     shapes = linear_shapes(model)
     for name, (A, B) in adapter.weights.items():
         if name not in shapes:

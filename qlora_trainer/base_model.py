@@ -56,7 +56,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     local = Path(path)
     if local.is_dir():
         if not (local / MODEL_CONFIG_FILE).is_file():
-            raise UserError(f"{local}: no config.json in this folder: point model.path/--base at a Hugging Face model folder")
+            raise UserError(f"{local}: no config.json in this folder: point model.path/--base at a Hugging Face "
+                            "model folder")
         return local
     if local.exists():
         raise UserError(f"{local}: is a file, not a model folder (config.json + *.safetensors)")

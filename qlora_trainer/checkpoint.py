@@ -5,8 +5,8 @@
         optimizer.pt                                       optimizer state, tensors only (torch.load weights_only)
         trainer_state.json                                 step, RNG states, counters, sha256 of every file above
 
-A checkpoint is written through atomic.write_folder: a folder named step-NNNNNN exists only once it is whole. On resume we trust a
-folder only if every checksum matches; otherwise we say so and fall back to the previous one.
+A checkpoint is written through atomic.write_folder: a folder named step-NNNNNN exists only once it is whole. On
+resume we trust a folder only if every checksum matches; otherwise we say so and fall back to the previous one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import torch
 
 from qlora_trainer import atomic
 from qlora_trainer.errors import UserError
+from qlora_trainer.names import CHECKPOINTS_DIR
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-PREFIX = "step-"
+STEP_PREFIX = "step-"
 
 
 # ------------------------------------------------------------------------------------------ RNG states
@@ -57,7 +58,7 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------------ write / read
 
 def checkpoint_dir(out: Path, step: int) -> Path:
-    return Path(out) / "checkpoints" / f"{PREFIX}{step:06d}"
+    return Path(out) / CHECKPOINTS_DIR / f"{STEP_PREFIX}{step:06d}"
 
 
 def save_checkpoint(out: Path, step: int, write_adapter: Callable[[Path], None], optimizer: torch.optim.Optimizer,
@@ -94,7 +95,7 @@ def _checkpoint_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _prune(folder: Path, keep: int) -> None:
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    steps = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
     for old in steps[:-keep]:
         # Rename first, then delete: a run killed mid-rmtree must not leave a half-deleted step-N folder (found
         # by scripts/fault_injection.py). The renamed leftover is a stale temp folder, removed by the next run.
@@ -120,7 +121,7 @@ def verify_checkpoint(folder: Path) -> dict:
     recorded = state.pop("state_sha256", None)  # absent in checkpoints written before it was added
     if recorded is not None and recorded != _state_digest(state):
         raise UserError(f"{state_file}: checksum mismatch (the trainer state is corrupt or was changed)")
-    if folder.name != f"{PREFIX}{step:06d}":  # also a folder named step-<not a number>: no crash, a message
+    if folder.name != f"{STEP_PREFIX}{step:06d}":  # also a folder named step-<not a number>: no crash, a message
         raise UserError(f"{state_file}: says step {step} but lives in {folder.name}")
     for name, digest in checksums.items():
         file = folder / name
@@ -133,10 +134,11 @@ def verify_checkpoint(folder: Path) -> dict:
 
 def latest_checkpoint(out: Path, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
     """The newest checkpoint that verifies; corrupt newer ones are reported and skipped."""
-    folder = Path(out) / "checkpoints"
+    folder = Path(out) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return None
-    for candidate in sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True):
+    steps = (p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+    for candidate in sorted(steps, reverse=True):
         try:
             return candidate, verify_checkpoint(candidate)
         except UserError as err:

@@ -31,6 +31,10 @@ class ConfigError(UserError):
         self.message = message
 
 
+def missing_key(key: str) -> ConfigError:
+    return ConfigError(key, f"missing required key '{key}': set it in the file or pass {key}=...")
+
+
 def _is_float_text(value: str) -> bool:
     # PyYAML reads `2e-4` (no dot) as a string: accept it where a float is expected.
     return re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()) is not None
@@ -94,7 +98,7 @@ class _Section:
             key = f"{self._section}.{f.name}" if self._section else f.name
             value = getattr(self, f.name)
             if value is None and key in REQUIRED_KEYS:
-                raise ConfigError(key, f"missing required key '{key}': set it in the file or pass {key}=...")
+                raise missing_key(key)
             object.__setattr__(self, f.name, _coerce(key, value, hints[f.name]))
         self._check()
 
@@ -213,7 +217,7 @@ class RunConfig:
 
     def __post_init__(self):
         if self.data is None:
-            raise ConfigError("data.path", "missing required key 'data.path': set it in the file or pass data.path=...")
+            raise missing_key("data.path")
         if not self.out:
             raise ConfigError("out", "missing required key 'out' (the run folder): set it or pass out=runs/NAME")
         self.out = _coerce("out", self.out, str)
@@ -333,8 +337,7 @@ def build_config(flat: dict[str, object], where: str = "the config") -> RunConfi
                     if name in tree or name in ("lora", "train")}
         for required in ("model", "data"):
             if required not in sections:
-                raise ConfigError(f"{required}.path", f"missing required key '{required}.path': "
-                                                      f"set it in the file or pass {required}.path=...")
+                raise missing_key(f"{required}.path")
         return RunConfig(**sections, out=tree.get("out"), resume=tree.get("resume", False))
     except ConfigError as err:
         raise UserError(f"{where}: {err.message}") from err

@@ -70,7 +70,8 @@ class LoRALinear(nn.Module):
 
     def _add_to_base(self, sign: float) -> None:
         if quant.is_nf4_linear(self.base):
-            raise TypeError("cannot merge in place into a 4-bit weight: use qlora_trainer.merge to write a merged model")
+            raise TypeError("cannot merge in place into a 4-bit weight: use qlora_trainer.merge to write a merged "
+                            "model")
         if self.merged == (sign > 0):
             raise RuntimeError("already merged" if self.merged else "not merged")
         weight = self.base.weight

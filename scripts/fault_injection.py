@@ -72,7 +72,7 @@ def _temp_folders(out: Path) -> list[Path]:
 
 def _step_folders(out: Path) -> set[str]:
     folder = out / "checkpoints"
-    return {p.name for p in folder.iterdir() if p.name.startswith(ckpt.PREFIX)} if folder.is_dir() else set()
+    return {p.name for p in folder.iterdir() if p.name.startswith(ckpt.STEP_PREFIX)} if folder.is_dir() else set()
 
 
 def kill_when(proc: subprocess.Popen, out: Path, kind: str, delay: float, min_checkpoints: int = 0) -> str | None:
@@ -113,7 +113,7 @@ def logged_step(out: Path) -> int:
 
 def check_checkpoints(out: Path) -> int:
     """Every step-* folder present must verify; returns how many there are."""
-    folders = sorted((out / "checkpoints").glob(f"{ckpt.PREFIX}*")) if (out / "checkpoints").is_dir() else []
+    folders = sorted((out / "checkpoints").glob(f"{ckpt.STEP_PREFIX}*")) if (out / "checkpoints").is_dir() else []
     for folder in folders:
         ckpt.verify_checkpoint(folder)  # raises UserError naming the bad file
     return len(folders)

@@ -14,9 +14,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from qlora_trainer import atomic
-from qlora_trainer.adapter import (CONFIG_FILE, OURS_FILE, WEIGHTS_FILE, base_fingerprint, check_base_fingerprint,
-                                   load_adapter_into, read_adapter, save_adapter)
+from qlora_trainer.adapter import (base_fingerprint, check_base_fingerprint, load_adapter_into, read_adapter,
+                                   save_adapter)
 from qlora_trainer.errors import UserError
+from qlora_trainer.names import ADAPTER_CONFIG_FILE as CONFIG_FILE
+from qlora_trainer.names import ADAPTER_RECORD_FILE as OURS_FILE
+from qlora_trainer.names import ADAPTER_WEIGHTS_FILE as WEIGHTS_FILE
 from qlora_trainer.loading import load_quantized, meta_model
 from qlora_trainer.lora import apply_lora, lora_modules
 from tests.tiny_models import transformers_nf4, write_tiny_llama
@@ -96,7 +99,8 @@ def test_config_and_tensors_are_in_peft_layout(small_base, saved, tmp_path):
             assert torch.equal(A, layer.lora_A) and torch.equal(B, layer.lora_B)
         assert len(list(f.keys())) == 2 * len(lora_modules(model))
     adapter = read_adapter(folder)
-    assert adapter.scale == 2.0 and adapter.extra == {} and adapter.fingerprint == base_fingerprint(meta_model(small_base))
+    assert adapter.scale == 2.0 and adapter.extra == {}
+    assert adapter.fingerprint == base_fingerprint(meta_model(small_base))
     assert adapter.compute_dtype == "fp32"
 
 

@@ -10,6 +10,7 @@ HELP = "what the adapter learned: the spectrum of every LoRA update; rank trunca
 DESCRIPTION = ("Singular values of each module's update scale * B @ A (from QRs of B and A.T and an r x r SVD), the "
                "ranks holding 90%%/99%% of the energy, a verdict on the rank, and optionally a plot or a rank-K "
                "truncated adapter.")
+FLAGS = {"adapter": "ADAPTER"}  # the adapter folder is the positional argument here
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

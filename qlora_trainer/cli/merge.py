@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="the full-precision base model folder the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the checkpoint's own dtype)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="output dtype (default: the checkpoint's own dtype)")
     p.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
                    help="dequantized: add to the NF4-rounded weights training saw (default); "
                         "original: add to the unquantized weights")

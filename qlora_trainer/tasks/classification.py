@@ -23,7 +23,7 @@ from qlora_trainer.adapter import Adapter, load_adapter_into, read_adapter
 from qlora_trainer.base_model import resolve_base
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
-from qlora_trainer.names import CLASSIFICATION, PEFT_TASK_TYPES
+from qlora_trainer.names import ADAPTER_CONFIG_FILE, CLASSIFICATION, PEFT_TASK_TYPES
 from qlora_trainer.tasks.base import VERIFY_TEXTS, Task, batches, evaluating
 
 # What PEFT's PeftModelForSequenceClassification adds to modules_to_save by itself (peft 0.21).
@@ -90,7 +90,7 @@ class Classification(Task):
         """The base as an NF4 classifier with the adapter's LoRA and head (fp32); label names in model.config."""
         adapter = read_adapter(adapter_dir)
         if adapter.task != CLASSIFICATION:
-            raise UserError(f"{adapter.file('adapter_config.json')}: task_type is {adapter.config.get('task_type')!r}, "
+            raise UserError(f"{adapter.file(ADAPTER_CONFIG_FILE)}: task_type is {adapter.config.get('task_type')!r}, "
                             f"not {self.peft_task_type}: this is not a classification adapter (use `qlora-trainer "
                             "generate` for a causal LM)")
         base = resolve_base(base)
