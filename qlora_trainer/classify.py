@@ -7,15 +7,14 @@ its probability, and the accuracy when the rows carry labels (cli/classify.py).
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from qlora_trainer.data import collate
 from qlora_trainer.errors import UserError
+from qlora_trainer.jsonl import read_objects
 
 
 @torch.no_grad()
@@ -42,29 +41,13 @@ def predict(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 
 def read_rows(path: str | os.PathLike, names: list[str]) -> tuple[list[str], list[int | None]]:
     """Texts and label ids (None where a row has no label) of a jsonl file of {"text", "label"?} rows. A label is
     a name the adapter knows or an id below num_labels; anything else is a UserError naming the row."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file: give a .jsonl file of {{\"text\": ..., \"label\": ...}} rows")
     to_id = {name: i for i, name in enumerate(names)}
     texts, labels = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} line {number}: invalid JSON ({err.msg}): each line must be one JSON object") \
-                from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    for number, row in read_objects(path, '{"text": ..., "label": ...} rows'):
+        if not isinstance(row.get("text"), str):
             raise UserError(f"{path} line {number}: needs a string field 'text' (and optionally 'label')")
         texts.append(row["text"])
         labels.append(label_id(row.get("label"), to_id, f"{path} line {number}"))
-    if not texts:
-        raise UserError(f"{path}: has no rows")
     return texts, labels
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from qlora_trainer.config import DataConfig
 from qlora_trainer.errors import UserError
+from qlora_trainer.jsonl import bad_line
 from qlora_trainer.names import CLASSIFICATION, IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -111,11 +112,9 @@ def _find_bad_json(path: str) -> str | None:
     with open(path, encoding="utf-8") as fh:
         if path.endswith(".jsonl"):
             for number, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        json.loads(line)
-                    except json.JSONDecodeError as err:
-                        return f"{path} line {number}: invalid JSON ({err.msg}): each line must be one JSON object"
+                problem = bad_line(path, number, line) if line.strip() else None
+                if problem is not None:
+                    return problem
             return None
         try:
             json.load(fh)

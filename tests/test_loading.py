@@ -264,3 +264,16 @@ def test_index_that_escapes_the_folder_is_refused(sharded, tmp_path, shard_name)
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="outside the model folder"):
         load_quantized(path, device="cpu")
+
+
+def test_a_width_that_is_not_a_multiple_of_the_nf4_block_is_one_clear_error(tmp_path, capsys):
+    from qlora_trainer.cli import main
+
+    folder = write_tiny_llama(tmp_path / "odd", hidden_size=96, intermediate_size=192, shard_size=None)
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj takes 96 input features, not a multiple "
+                                        r"of the NF4 blocksize 64"):
+        load_quantized(folder, compute_dtype="fp32", device="cpu", progress=False)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["summary", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
 from qlora_trainer.cli.options import add_compute_options
 from qlora_trainer.errors import UserError
@@ -140,26 +139,16 @@ def parse_named_adapters(values: list[str]) -> dict[str, str]:
 
 def read_prompt_rows(path: str | os.PathLike, names: set[str]) -> list[dict]:
     """Rows of a JSONL file: {"prompt": str or "messages": [...], "adapter": NAME or null/absent}."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{file}: no such file: --prompts takes a JSONL file, one {{\"prompt\", \"adapter\"}} per line")
+    from qlora_trainer.jsonl import read_objects
+
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{file}:{number}: not valid JSON ({err})") from None
-        if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str)
-                                             or isinstance(row.get("messages"), list)):
-            raise UserError(f'{file}:{number}: expected an object with "prompt" (a string) or "messages" (a list)')
+    for number, row in read_objects(path, '{"prompt": ..., "adapter": NAME or null} rows (for --prompts)'):
+        if not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+            raise UserError(f'{path}:{number}: expected an object with "prompt" (a string) or "messages" (a list)')
         adapter = row.get("adapter")
         if adapter is not None and adapter not in names:
             known = ", ".join(sorted(names)) or "none given"
-            raise UserError(f"{file}:{number}: adapter {adapter!r} is not one of the --adapter NAME=DIR given "
+            raise UserError(f"{path}:{number}: adapter {adapter!r} is not one of the --adapter NAME=DIR given "
                             f"({known}); use null for the base alone")
         rows.append(row)
-    if not rows:
-        raise UserError(f"{file}: holds no prompts")
     return rows
