@@ -387,3 +387,19 @@ def test_gpt2_conv1d_weights_merge_in_their_own_layout(tmp_path):
     ours = ours_with_adapter(tmp_path / "gpt2", adapter)
     ids = _ids(256)
     torch.testing.assert_close(_logits(merged, ids), _logits(ours, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_python_callers_read_argument_names_and_the_cli_reads_flags(tmp_path, capsys):
+    from qlora_trainer.estimate import RunSettings
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(UserError, match=r"out: out exists and is not empty") as raised:
+        merge(ASSET, tmp_path / "no-adapter", tmp_path / "out", progress=False)
+    assert "--out" not in str(raised.value)
+    assert main(["merge", "--base", str(ASSET), "--adapter", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "out: --out exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^seq_len must be a positive integer, got 0$"):
+        RunSettings(seq_len=0)
+    assert main(["estimate", "--model", str(ASSET), "--seq-len", "0"]) == 2
+    assert "error: --seq-len must be a positive integer, got 0" in capsys.readouterr().err
