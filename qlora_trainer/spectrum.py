@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qlora_trainer.adapter import Adapter
 from qlora_trainer.errors import ArgumentError
 from qlora_trainer.lora import lora_modules, lora_scale
-from qlora_trainer.peft_layout import Factors
+from qlora_trainer.peft_layout import Adapter, Factors
 
 ENERGY_LEVELS = (0.90, 0.99)  # the table's two energy ranks: r90 and r99
 VERDICT_SHARE = 0.95  # the verdict's rank must hold 99% of the energy in at least this share of modules
