@@ -14,7 +14,8 @@ before any layer's backward, and its buffers are freed before the last layer is 
             + max(one layer recomputed for backward, loss) + CUDA overhead.
 
 The per-token activation counts below list the tensors autograd saves in transformers' LlamaDecoderLayer
-with our LoRALinear; they are the terms to calibrate against a measured peak (scripts/bench.py).
+with our LoRALinear (checked tensor by tensor on CPU by tests/test_estimate.py); the backward transients and
+the loss phase are still to calibrate against a measured GPU peak (scripts/bench.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
 # per 256 values, for each of Adam's two moments.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_OPTIM_BLOCKSIZE = 256
+BNB_QMAPS_BYTES = 2 * 256 * 4  # qmap1 and qmap2, shared by every 8-bit tensor of the optimizer
 
 # Stated constants, not measured here: the CUDA context (+ cuBLAS workspace), which the torch allocator
 # does not see, and the caching allocator's fragmentation as a fraction of what tensors hold.
@@ -250,28 +252,50 @@ def lora_tensor_sizes(shape: ModelShape, run: RunSettings) -> list[int]:
 
 def optimizer_state_bytes(sizes: Sequence[int], optimizer: str) -> int:
     """AdamW keeps two moments per parameter: fp32 (8 B/param), or in bitsandbytes 8-bit form uint8 + an
-    fp32 absmax per 256 values each, with tensors under 4096 elements left in fp32."""
+    fp32 absmax per 256 values each, with tensors under 4096 elements left in fp32; the 8-bit tensors share
+    the two 256-entry fp32 quantization maps (signed and unsigned dynamic), one pair per optimizer.
+    torch AdamW's per-parameter `step` is a CPU scalar (not fused, not capturable): no GPU memory."""
     if optimizer == "adamw":
         return 8 * sum(sizes)
-    return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * (n + 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)) for n in sizes)
+    eight_bit = [n for n in sizes if n >= BNB_MIN_8BIT_SIZE]
+    qmaps = BNB_QMAPS_BYTES if eight_bit else 0
+    return (sum(8 * n for n in sizes if n < BNB_MIN_8BIT_SIZE) + qmaps
+            + sum(2 * (n + 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)) for n in eight_bit))
 
 
 def layer_saved_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
-    """Bytes per token that autograd saves when one LlamaDecoderLayer is recomputed for its backward."""
+    """Bytes per token that autograd saves when one LlamaDecoderLayer is recomputed for its backward, with the
+    4-bit base frozen (bnb's MatMul4Bit keeps only the packed weight), frozen norm weights, SDPA on the flash
+    kernel with no attention mask (GQA inside the kernel), and our LoRALinear on `run.targets`. Measured
+    tensor by tensor on CPU in tests/test_estimate.py. A tensor is counted once however many ops save it."""
     h, i, q, kv, a = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, DTYPE_BYTES[run.compute_dtype]
-    rms_norm = 4 * h + 2 * a * h  # fp32 upcast of the input, normalized x before * weight, the output
+    targets, dropout = set(run.targets), run.lora_dropout > 0
+
+    def saved_by_lora(*names: str) -> bool:  # a LoRALinear without dropout saves its input for x @ A.T's grad
+        return not dropout and bool(targets.intersection(names))
+
+    # RMSNorm saves its fp32 input and rsqrt (fp32, one per token); `weight * x` with a frozen weight saves only
+    # the weight, so the normalized x is not kept, and the norm's output only if a consumer saves it.
+    # In fp32 the upcast is a no-op: input_layernorm's fp32 input is then the layer input, which the
+    # checkpoint keeps already; post_attention_layernorm's is the residual sum, a tensor of its own.
     attention = (
-        rms_norm
-        + a * (q + 2 * kv)  # q, k, v projections (saved by RoPE and SDPA)
-        + 2 * a * (q + kv)  # RoPE: rotate_half(q|k) copies and the rotated q, k
-        + a * q + 4 * shape.heads  # SDPA (flash, no T x T): its output and fp32 logsumexp per head
-        + a * q  # the output transposed to (B, T, heads * head_dim), o_proj's input
+        (0 if run.compute_dtype == "fp32" else 4 * h) + 4  # input_layernorm: fp32 copy of the layer input, rsqrt
+        + (a * h if saved_by_lora("q_proj", "k_proj", "v_proj") else 0)  # its output
+        + a * (q + 2 * kv)  # SDPA's inputs: rotated q, k and v (RoPE's muls save only cos and sin)
+        + a * q + 4 * shape.heads  # SDPA's output, laid out (B, T, heads, head_dim): o_proj's input is the
+        # same storage; the fp32 logsumexp per head
     )
-    mlp = rms_norm + 4 * a * i  # gate, up, silu(gate), silu(gate) * up (down_proj's input)
+    mlp = (
+        4 * h + 4  # post_attention_layernorm: the fp32 residual sum (a copy unless fp32), rsqrt
+        + (a * h if saved_by_lora("gate_proj", "up_proj") else 0)  # its output
+        + 3 * a * i  # gate (silu's input), up and silu(gate) (the product's inputs)
+        + (a * i if saved_by_lora("down_proj") else 0)  # silu(gate) * up, down_proj's input
+    )
     linears = shape.linear_shapes()
     lora_inputs = sum(linears[t][1] for t in run.targets)
-    # each LoRALinear applies its own dropout: the dropped copy of its input + a bool mask
-    lora = (a + 1) * lora_inputs if run.lora_dropout > 0 else 0
+    # each LoRALinear applies its own dropout: the dropped copy of its input + a bool mask (CUDA's fused
+    # dropout; CPU's unfused one keeps the mask in the compute dtype)
+    lora = (a + 1) * lora_inputs if dropout else 0
     lora += a * run.rank * len(run.targets)  # x @ A.T, saved for B's grad
     return attention + mlp + lora
 

@@ -1,12 +1,13 @@
-"""estimate.py: every line of the breakdown against numbers worked out by hand from the formulas, the NF4
-bytes against real bitsandbytes, LoRA counts against a real model built on the meta device, and the
+"""estimate.py against independently computed numbers: bytes of a real NF4 model built by bitsandbytes, a real
+LoRA model and its gradients, real optimizers after a step, and the tensors autograd actually saves in a real
+LlamaDecoderLayer with our LoRA layers, all on a small GQA LLaMA on CPU; public facts about Llama-3-8B; and the
 search functions against the estimate itself."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -17,12 +18,15 @@ from qlora_trainer.estimate import (
     GIB,
     RunSettings,
     estimate_memory,
+    layer_saved_bytes_per_token,
     max_batch_that_fits,
     max_seq_len_that_fits,
     nf4_bytes,
     read_config_json,
     shape_from_config,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: a second thread only adds contention
 
 LLAMA3_8B = {
     "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -33,93 +37,267 @@ TINY = {
     "model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": False,
 }
+# The model the tests below build for real: GQA (6 heads, 2 kv heads, head_dim 32); NF4 block counts that are not
+# multiples of 256 (q_proj: 576 blocks), so the double quantization's ceil matters.
+SMALL = {
+    "model_type": "llama", "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": False,
+}
+SOME_TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
-def nf4_by_hand(numel: int) -> int:
-    """packed 4-bit + uint8 absmax per 64 + fp32 absmax per 256 blocks + 16 + 256 fp32 code tables + offset."""
-    blocks = math.ceil(numel / 64)
-    return numel // 2 + blocks + 4 * math.ceil(blocks / 256) + (16 * 4 + 256 * 4 + 4)
+def small_model(compute_dtype: str = "fp32"):
+    """SMALL built straight into NF4 by random_quantized: real bitsandbytes weights and quant states."""
+    from transformers import LlamaConfig
+
+    from qlora_trainer.loading import random_quantized
+
+    config = LlamaConfig(**{k: v for k, v in SMALL.items() if k != "model_type"})
+    return random_quantized(config, compute_dtype=compute_dtype, device="cpu", progress=False)
 
 
-def check_breakdown(b, expected: dict) -> None:
-    for name, value in expected.items():
-        assert getattr(b, name) == value, name
-    activations = max(expected["layer_recompute"], expected["loss_chunk"])
-    allocated = sum(expected[k] for k in ("quantized_weights", "dense_weights", "lora_params", "lora_grads",
-                                          "optimizer_state", "checkpointed_inputs")) + activations
-    assert b.allocated == allocated
-    assert b.cuda_overhead == int(0.5 * GIB) + int(0.05 * allocated)
-    assert b.total == allocated + b.cuda_overhead
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (a tensor shared by several holders counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
-def test_llama3_8b_by_hand():
-    run = RunSettings(seq_len=2048, batch_size=1, rank=16)  # all linear, paged_adamw_8bit, bf16, dropout 0.05
-    h, i, L, V, q, kv, hd, heads, N, r = 4096, 14336, 32, 128256, 4096, 1024, 128, 32, 2048, 16
-
-    quantized = L * (2 * nf4_by_hand(4096 * 4096) + 2 * nf4_by_hand(1024 * 4096) + 3 * nf4_by_hand(14336 * 4096))
-    assert L * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336) == 6_979_321_856  # linear params
-    dense = 2 * (2 * V * h + (2 * L + 1) * h)  # bf16 embed_tokens + lm_head + 65 norms
-    # LoRA r*(in+out): q, o (4096+4096), k, v (4096+1024), gate, up, down (4096+14336)
-    lora_count = L * r * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
-    assert lora_count == 41_943_040
-    # every LoRA tensor has >= 4096 elements and a multiple of 256: uint8 x 2 moments + fp32 absmax per 256
-    optimizer = 2 * lora_count + 2 * 4 * lora_count // 256
-    checkpointed = N * (L * 2 * h + 2 * 2 * hd)
-    saved_per_token = (
-        2 * (4 * h + 4 * h)  # two RMSNorms: fp32 copy + normed bf16 + output
-        + 2 * (q + 2 * kv) + 4 * (q + kv)  # q/k/v outputs; RoPE rotate_half copies + rotated q, k
-        + 2 * q + 4 * heads + 2 * q  # SDPA output + logsumexp, o_proj's input
-        + 8 * i  # gate, up, silu, product
-        + 3 * (3 * h + q + 2 * h + i)  # dropout copy (bf16) + mask (bool) of each targeted linear's input
-        + 2 * r * 7  # x @ A.T per target
-    )
-    backward_per_token = 4 * h + 6 * i
-    layer = N * (saved_per_token + backward_per_token) + 2 * 14336 * 4096  # + dequantized gate_proj
-    loss = N * (4 * h + 4 * h + 2 * h) + 1024 * V * 12
-    b = estimate_memory(LLAMA3_8B, run)
-    check_breakdown(b, dict(
-        quantized_weights=quantized, dense_weights=dense, lora_params=4 * lora_count, lora_grads=4 * lora_count,
-        optimizer_state=optimizer, checkpointed_inputs=checkpointed, layer_recompute=layer, loss_chunk=loss,
-        lora_param_count=lora_count,
-    ))
-    assert 8 * GIB < b.total < 9.5 * GIB
+def quant_state_tensors(state):
+    """Every tensor a bitsandbytes QuantState holds, nested states included (found by walking it, not by name)."""
+    for value in vars(state).values():
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, type(state)):
+            yield from quant_state_tensors(value)
 
 
-def test_tiny_by_hand():
-    # loss chunk (1024) larger than the batch's 128 tokens; fp32 AdamW; no dropout; q and v only
-    run = RunSettings(seq_len=64, batch_size=2, rank=8, targets="q_proj,v_proj", optimizer="adamw",
-                      lora_dropout=0.0)
-    h, i, L, V, q, kv, hd, heads, N, r = 128, 384, 4, 1000, 128, 64, 32, 4, 128, 8
+def lora_params(model) -> list[torch.nn.Parameter]:
+    from qlora_trainer.lora import lora_state_dict
 
-    quantized = L * (2 * nf4_by_hand(128 * 128) + 2 * nf4_by_hand(64 * 128) + 3 * nf4_by_hand(384 * 128))
-    dense = 2 * (2 * V * h + 9 * h)
-    lora_count = L * r * ((128 + 128) + (128 + 64))
-    checkpointed = N * (L * 2 * h + 2 * 2 * hd)
-    saved_per_token = (2 * (4 * h + 4 * h) + 2 * (q + 2 * kv) + 4 * (q + kv) + 2 * q + 4 * heads + 2 * q
-                       + 8 * i + 2 * r * 2)
-    layer = N * (saved_per_token + 4 * h + 6 * i) + 2 * 384 * 128
-    loss = N * 10 * h + N * V * 12
-    check_breakdown(estimate_memory(TINY, run), dict(
-        quantized_weights=quantized, dense_weights=dense, lora_params=4 * lora_count, lora_grads=4 * lora_count,
-        optimizer_state=8 * lora_count, checkpointed_inputs=checkpointed, layer_recompute=layer,
-        loss_chunk=loss, lora_param_count=lora_count,
-    ))
+    return list(lora_state_dict(model).values())
 
 
-def test_tiny_8bit_optimizer_keeps_small_tensors_fp32():
-    run = RunSettings(seq_len=64, rank=16, optimizer="paged_adamw_8bit")
-    # per layer, 8-bit (>= 4096 elements): down A (16 x 384), gate B and up B (384 x 16); the rest fp32
-    eight_bit = [16 * 384] * 3
-    fp32 = [16 * 128] * 6 + [128 * 16, 64 * 16, 64 * 16, 128 * 16, 128 * 16]  # six A's; q, k, v, o, down B
-    per_layer = 8 * sum(fp32) + sum(2 * (n + 4 * math.ceil(n / 256)) for n in eight_bit)
-    assert estimate_memory(TINY, run).optimizer_state == 4 * per_layer
+# ------------------------------------------------------------------------------------------- weights
 
 
-def test_tied_embeddings_count_once():
-    run = RunSettings(seq_len=16)
-    untied = estimate_memory(TINY, run).dense_weights
-    tied = estimate_memory({**TINY, "tie_word_embeddings": True}, run).dense_weights
-    assert untied - tied == 2 * 1000 * 128
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_quantized_weights_equal_the_bytes_bitsandbytes_holds(compute_dtype):
+    """Every tensor of every 4-bit linear, found by walking its QuantState (quant.quantized_bytes, which leaves
+    out the fp32 offset, is not the reference)."""
+    from qlora_trainer.loading import load_info
+
+    model = small_model(compute_dtype)
+    swapped = load_info(model).swapped
+    assert len(swapped) == 7 * SMALL["num_hidden_layers"]
+    tensors = []
+    for name in swapped:
+        weight = model.get_submodule(name).weight
+        tensors += [weight.data, *quant_state_tensors(weight.quant_state)]
+    # the packed 4-bit codes, the uint8 absmax per 64, the nested fp32 absmax per 256, both code tables and the
+    # fp32 offset: 6 tensors per linear, none shared between linears
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 6 * len(swapped)
+    assert estimate_memory(SMALL, RunSettings(seq_len=8)).quantized_weights == storage_bytes(tensors)
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_dense_weights_equal_the_model_s_other_parameters(compute_dtype):
+    from qlora_trainer import quant
+    from qlora_trainer.names import torch_dtype
+
+    model = small_model(compute_dtype)
+    dense = [p for p in model.parameters() if not quant.is_nf4_param(p)]
+    assert {p.dtype for p in dense} == {torch_dtype(compute_dtype)}
+    expected = estimate_memory(SMALL, RunSettings(seq_len=8, compute_dtype=compute_dtype)).dense_weights
+    assert expected == storage_bytes(dense)
+
+
+def test_tied_embeddings_count_once(tmp_path):
+    """A tied checkpoint loaded as the trainer loads it: lm_head and embed_tokens share one tensor."""
+    from qlora_trainer import quant
+    from qlora_trainer.loading import load_quantized
+    from tests.tiny_models import write_tiny_llama
+
+    overrides = {k: v for k, v in SMALL.items() if k not in ("model_type", "tie_word_embeddings")}
+    path = write_tiny_llama(tmp_path / "tied", tied=True, shard_size=None, **overrides)
+    model = load_quantized(path, compute_dtype="bf16", device="cpu", progress=False)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    dense = [p for p in model.parameters() if not quant.is_nf4_param(p)]
+    config = {**SMALL, "tie_word_embeddings": True}
+    assert estimate_memory(config, RunSettings(seq_len=8)).dense_weights == storage_bytes(dense)
+
+
+# ------------------------------------------------------------------------------------------- LoRA and optimizer
+
+
+@pytest.mark.parametrize("targets", ["all-linear", SOME_TARGETS], ids=["all-linear", "q-v-down"])
+@pytest.mark.parametrize("rank", [4, 16])
+def test_lora_params_and_grads_equal_a_real_lora_model(targets, rank):
+    from qlora_trainer.lora import apply_lora
+
+    model = small_model()
+    apply_lora(model, list(targets) if isinstance(targets, tuple) else targets, r=rank, dropout=0.05)
+    model.train()
+    model(input_ids=torch.randint(0, SMALL["vocab_size"], (2, 16))).logits.sum().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    b = estimate_memory(SMALL, RunSettings(seq_len=8, rank=rank, targets=targets))
+    assert b.lora_param_count == sum(p.numel() for p in trainable)
+    assert b.lora_params == storage_bytes(trainable)
+    assert len(grads) == len(trainable) and b.lora_grads == storage_bytes(grads)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
+@pytest.mark.parametrize("rank", [4, 8, 23])  # 8-bit: none; 4096-element tensors (the bound); 17.25 blocks (ceil)
+def test_optimizer_state_equals_a_real_optimizer_after_one_step(optimizer, rank):
+    from qlora_trainer.lora import apply_lora
+    from qlora_trainer.quant import make_optimizer
+
+    model = small_model()
+    apply_lora(model, "all-linear", r=rank)
+    params = lora_params(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU")  # same state, not paged
+        opt = make_optimizer(optimizer, params, lr=1e-3, weight_decay=0.01)
+        generator = torch.Generator().manual_seed(0)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        opt.step()
+    assert set(opt.state) == set(params)
+    # torch AdamW's `step` is a 0-d CPU tensor even for CUDA parameters unless fused or capturable (the trainer
+    # uses neither: torch/optim/adam.py `device="cpu"`), so it takes no GPU memory; bitsandbytes' is an int.
+    state = [v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"]
+    expected = estimate_memory(SMALL, RunSettings(seq_len=8, rank=rank, optimizer=optimizer)).optimizer_state
+    assert expected == storage_bytes(state)
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+
+def _saved_by_one_layer(model, x: torch.Tensor) -> tuple[int, set[str]]:
+    """Bytes of the distinct tensors autograd saves while layer 0 runs forward on x (B, T, hidden), beside
+    the parameters and the layer's inputs (x, which the checkpoint keeps, and RoPE's cos and sin, made once
+    for all layers); and the names of the backward nodes, to tell which attention kernel ran."""
+    layer = model.model.layers[0]
+    position_ids = torch.arange(x.shape[1])[None]
+    cos, sin = model.model.rotary_emb(x, position_ids)
+    kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), x, cos, sin]}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in kept:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, attention_mask=None, position_ids=position_ids, position_embeddings=(cos, sin))
+    visited, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in visited:
+            visited.add(node)
+            stack += [n for n, _ in node.next_functions]
+    return sum(saved.values()), {node.name() for node in visited}
+
+
+@pytest.mark.parametrize("compute_dtype, dropout, targets, rank", [
+    ("fp32", 0.0, "all-linear", 8),
+    ("bf16", 0.0, "all-linear", 16),
+    ("bf16", 0.05, "all-linear", 16),  # the trainer's default dropout
+    ("fp32", 0.1, SOME_TARGETS, 8),
+    ("bf16", 0.0, SOME_TARGETS, 4),
+    ("bf16", 0.0, ("k_proj", "gate_proj"), 8),
+])
+def test_layer_saved_bytes_equal_what_autograd_saves(compute_dtype, dropout, targets, rank):
+    """Every tensor autograd saves in a real LlamaDecoderLayer (transformers, sdpa) with our LoRA layers over
+    the real 4-bit base, counted once each, at two sequence lengths: exact, after one stated CPU difference.
+
+    Kernel: CPU SDPA runs the flash kernel here (no mask, GQA inside the kernel), which saves what CUDA's flash
+    kernel saves per token (q, k, v, the output, an fp32 logsumexp per head); CUDA's also keeps RNG seed and
+    offset scalars, not per token. Every other saved tensor comes from device-independent autograd formulas.
+    The one difference: CPU dropout is unfused (input * noise) and keeps its mask in the compute dtype, where
+    CUDA's fused dropout (the one the estimate models) keeps a bool mask: CPU saves (dtype bytes - 1) more per
+    element of each LoRA input.
+    Not per token and not in the estimate: the compute-dtype copies of A and B that LoRALinear casts and the
+    matmuls save (none in fp32)."""
+    from qlora_trainer.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = small_model(compute_dtype)
+    apply_lora(model, list(targets) if isinstance(targets, tuple) else targets, r=rank, dropout=dropout)
+    model.train()
+    run = RunSettings(seq_len=8, rank=rank, targets=targets, compute_dtype=compute_dtype, lora_dropout=dropout)
+    shape, a = shape_from_config(SMALL), 4 if compute_dtype == "fp32" else 2
+    lora_inputs = sum(i for name, (o, i) in shape.linear_shapes().items() if name in run.targets)
+    cpu_dropout_mask = (a - 1) * lora_inputs if dropout else 0
+    per_token = layer_saved_bytes_per_token(shape, run) + cpu_dropout_mask
+    cast_lora_weights = 0 if a == 4 else sum(a * rank * (o + i) for name, (o, i) in shape.linear_shapes().items()
+                                             if name in run.targets)
+    dtype = torch.float32 if a == 4 else torch.bfloat16
+    for seq_len in (32, 64):
+        x = torch.randn(2, seq_len, shape.hidden, dtype=dtype, requires_grad=True)
+        saved, nodes = _saved_by_one_layer(model, x)
+        assert "ScaledDotProductFlashAttentionForCpuBackward0" in nodes, f"not the flash kernel: {sorted(nodes)}"
+        assert saved == 2 * seq_len * per_token + cast_lora_weights, seq_len
+
+
+def test_checkpointed_inputs_are_what_the_checkpointed_model_keeps():
+    """Run the bf16 model with the trainer's per-layer checkpointing under an outer saved-tensors hook: the
+    checkpoint saves each layer's input; everything saved inside a layer goes to its own hook instead (and is
+    recomputed), so the outer hook must see the layer inputs and the final norm's tensors (the loss phase) and
+    nothing else. RoPE's cos and sin are not saved tensors: each layer's call holds them (kwargs); they are
+    sized here from the model's own rotary embedding."""
+    from qlora_trainer.lora import apply_lora
+    from qlora_trainer.training import enable_checkpointing
+
+    model = small_model("bf16")
+    apply_lora(model, "all-linear", r=8, dropout=0.05)
+    enable_checkpointing(model)
+    model.train()
+    seq_len, h = 64, SMALL["hidden_size"]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, SMALL["vocab_size"], (1, seq_len)), use_cache=False)
+    kinds = sorted((tuple(t.shape), str(t.dtype)) for t in saved.values())
+    layer_inputs = [t for t in saved.values() if t.dtype == torch.bfloat16]
+    final_norm = [((1, seq_len, 1), "torch.float32"), ((1, seq_len, h), "torch.float32")]  # rsqrt, fp32 input
+    assert kinds == sorted([((1, seq_len, h), "torch.bfloat16")] * SMALL["num_hidden_layers"] + final_norm)
+    cos, sin = model.model.rotary_emb(layer_inputs[0], torch.arange(seq_len)[None])
+    expected = estimate_memory(SMALL, RunSettings(seq_len=seq_len)).checkpointed_inputs
+    assert expected == storage_bytes(layer_inputs) + storage_bytes([cos, sin])
+
+
+# ------------------------------------------------------------------------------------------- Llama-3-8B facts
+
+
+def test_llama3_8b_parameter_counts():
+    """Public numbers, not the estimator's formulas: Llama-3-8B has 8,030,261,248 parameters, 6,979,321,856 of
+    them in the decoder linears; LoRA r=16 on all linears trains 41,943,040 (PEFT's count)."""
+    shape = shape_from_config(LLAMA3_8B)
+    linear_params = shape.layers * sum(o * i for o, i in shape.linear_shapes().values())
+    assert linear_params == 6_979_321_856
+    b = estimate_memory(LLAMA3_8B, RunSettings(seq_len=2048, rank=16))
+    assert linear_params + b.dense_weights // 2 == 8_030_261_248  # bf16 embeddings, lm_head, norms
+    assert b.lora_param_count == 41_943_040
+    assert b.lora_params == b.lora_grads == 4 * 41_943_040
+    # the QLoRA paper's cost of double quantization: 8/64 + 32/(64*256) = 0.127 bits per parameter over the 4
+    assert b.quantized_weights == pytest.approx(linear_params * (4 + 8 / 64 + 32 / (64 * 256)) / 8, rel=1e-4)
+
+
+def test_breakdown_adds_up():
+    """allocated counts every part once and only the larger of the two phases that never overlap."""
+    for run in (RunSettings(seq_len=2048), RunSettings(seq_len=64, batch_size=2, loss_chunk_size=4096)):
+        b = estimate_memory(LLAMA3_8B, run)
+        parts = (b.quantized_weights + b.dense_weights + b.lora_params + b.lora_grads + b.optimizer_state
+                 + b.checkpointed_inputs)
+        assert b.allocated == parts + max(b.layer_recompute, b.loss_chunk)
+        assert b.total == b.allocated + b.cuda_overhead > b.allocated
 
 
 def test_nf4_bytes_match_bitsandbytes():
@@ -128,23 +306,7 @@ def test_nf4_bytes_match_bitsandbytes():
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     tensors = [packed, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
     real = sum(t.numel() * t.element_size() for t in tensors)
-    assert real == nf4_bytes(128 * 384) == nf4_by_hand(128 * 384) == 26448
-
-
-def test_lora_count_matches_real_model_on_meta():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = {k: v for k, v in TINY.items() if k != "model_type"}
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    r = 16
-    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
-    assert len(linears) == 7 * 4
-    real = sum(r * (m.in_features + m.out_features) for m in linears)
-    assert estimate_memory(TINY, RunSettings(seq_len=8, rank=r)).lora_param_count == real
-    # and the NF4 bytes of the same modules
-    real_nf4 = sum(nf4_bytes(m.weight.numel()) for m in linears)
-    assert estimate_memory(TINY, RunSettings(seq_len=8)).quantized_weights == real_nf4
+    assert real == nf4_bytes(128 * 384) == 26448
 
 
 @pytest.mark.parametrize("field", ["seq_len", "batch_size", "rank"])
