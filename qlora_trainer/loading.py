@@ -299,8 +299,9 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
     shapes = expected_shapes(model, swapped)
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True)  # {target: source}: tied after filling
     for name in tqdm(list(shapes), desc="random NF4", unit="tensor", disable=not progress, leave=False):
-        if not _is_meta(model, name):  # tied to a weight filled earlier
+        if name in tied or not _is_meta(model, name):
             continue
         value = _random_like(name, shapes[name], dtype, device, generator, std)
         _set_tensor(model, name, value, swapped, device, dtype)

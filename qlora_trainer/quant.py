@@ -100,14 +100,13 @@ def quantize_dequantize(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_bytes(module: nn.Module) -> int:
-    """Bytes held by a 4-bit linear: packed weight plus its (double-quantized) statistics."""
+    """Bytes held by a 4-bit linear: packed weight plus its (double-quantized) statistics: the absmax per block, the
+    code table, and with double quantization the offset and the second level's absmax and code."""
     state = module.weight.quant_state
-    total = module.weight.data.numel() * module.weight.data.element_size()
-    total += state.absmax.numel() * state.absmax.element_size() + state.code.numel() * state.code.element_size()
+    tensors = [module.weight.data, state.absmax, state.code]
     if state.nested:
-        s2 = state.state2
-        total += s2.absmax.numel() * s2.absmax.element_size() + s2.code.numel() * s2.code.element_size()
-    return total
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -277,3 +277,19 @@ def test_a_width_that_is_not_a_multiple_of_the_nf4_block_is_one_clear_error(tmp_
     assert main(["summary", str(folder), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_random_weights_keep_tied_embeddings_tied_and_count_every_quantized_byte():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 1}, tie_word_embeddings=True)
+    model = random_quantized(config, compute_dtype="fp32", device="cpu", progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # one tensor, as a tied checkpoint loads
+    layer = model.model.layers[0].self_attn.q_proj
+    held, states = [layer.weight.data], [layer.weight.quant_state]
+    while states:  # walk bitsandbytes' QuantState (and its nested one) for every tensor it holds, not by name
+        for value in vars(states.pop()).values():
+            held += [value] if torch.is_tensor(value) else []
+            states += [value] if type(value) is type(layer.weight.quant_state) else []
+    assert len(held) == 6  # packed codes, absmax, code table; offset, nested absmax, nested code table
+    assert quant.quantized_bytes(layer) == sum(t.numel() * t.element_size() for t in held)
