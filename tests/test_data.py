@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CHAT_TEMPLATE, ids, make_tokenizer
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import (IGNORE, build_datasets, collate, load_rows, pack, preview, run_data_command,
                                 tokenize_row)
 from qlora_trainer.errors import UserError
+from tests.helpers import CHAT_TEMPLATE, ids, make_tokenizer
 
 X = IGNORE
 ALPACA_PROMPT = ("Below is an instruction that describes a task . Write a response that appropriately completes "

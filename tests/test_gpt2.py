@@ -5,7 +5,6 @@ checkpoint's own layout for both --into targets, generate and inspect."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,23 +20,12 @@ from qlora_trainer.generate import generate_ids
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, resolve_targets
 from qlora_trainer.merge import merge
-from tests.tiny_models import transformers_nf4
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import logits_of, random_ids, transformers_nf4
 
 CONV1D_KINDS = {"c_attn", "c_proj", "c_fc"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 def _randomize_b(named_params, seed: int = 0, std: float = 0.05) -> None:
@@ -91,8 +79,8 @@ def test_conv1d_weights_quantize_bit_equal_to_transformers(gpt2):
                             in load_file(p)))["transformer.h.0.attn.c_attn.weight"]
     assert c_attn.shape == (128, 384)
     assert quant.dequantize(ours_layers["transformer.h.0.attn.c_attn"]).shape == (384, 128)
-    ids = _ids(ours.config.vocab_size)
-    assert torch.equal(_logits(ours, ids), _logits(ref, ids))
+    ids = random_ids(ours.config.vocab_size)
+    assert torch.equal(logits_of(ours, ids), logits_of(ref, ids))
     assert ours.lm_head.weight is ours.transformer.wte.weight  # tied, never quantized
 
 
@@ -123,16 +111,16 @@ def test_adapter_layout_equals_peft_over_transformers_4bit_gpt2(ours_adapter, pe
 
 def test_our_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(gpt2, ours_adapter, peft_adapter):
     ours_model, ours_dir = ours_adapter
-    ids = _ids(ours_model.config.vocab_size)
+    ids = random_ids(ours_model.config.vocab_size)
     theirs = PeftModel.from_pretrained(transformers_nf4(gpt2), ours_dir).eval()
-    torch.testing.assert_close(_logits(theirs, ids), _logits(ours_model.eval(), ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(theirs, ids), logits_of(ours_model.eval(), ids), atol=1e-5, rtol=1e-5)
 
     peft_model, peft_dir = peft_adapter
     ours = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
-    plain = _logits(ours, ids)
+    plain = logits_of(ours, ids)
     load_adapter_into(ours, peft_dir)
-    got = _logits(ours, ids)
-    torch.testing.assert_close(got, _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
+    got = logits_of(ours, ids)
+    torch.testing.assert_close(got, logits_of(peft_model, ids), atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # the adapter changes the output: the comparison means something
 
 
@@ -143,13 +131,13 @@ def test_merge_keeps_conv1d_layout_and_gives_base_plus_adapter_logits(gpt2, ours
     out = merge(gpt2, adapter, tmp_path / "merged", dtype="fp32", into=into, compute_dtype="fp32", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert isinstance(merged.transformer.h[0].attn.c_proj, Conv1D)
-    ids = _ids(merged.config.vocab_size)
+    ids = random_ids(merged.config.vocab_size)
     if into == "dequantized":
         reference = model.eval()  # the quantized base + adapter that was trained
     else:  # the unquantized base + the adapter, through PEFT's own Conv1D (fan_in_fan_out) path
         dense = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
         reference = PeftModel.from_pretrained(dense, adapter).eval()
-    torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(reference, ids), atol=1e-4, rtol=1e-4)
 
     # each weight in the checkpoint's (in, out) layout: merged - base == (scale * B @ A).T, the square c_proj too
     base = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import cli
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fault_injection", REPO / "scripts" / "fault_injection.py")
 fi = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("fault_injection", fi)  # dataclasses look their module up there

@@ -31,12 +31,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules
 from qlora_trainer.loss import CausalLMLoss
-
-from .tiny_models import write_tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "assets" / "tiny-llama"
-DEMO = REPO / "data" / "demo"
+from tests.helpers import ASSET, DEMO, REPO, write_tiny_llama
 ADAPTER_KW = dict(r=4, alpha=8.0, dropout=0.0)
 
 
@@ -49,7 +44,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (root / "train.jsonl").write_text("\n".join((DEMO / "train.jsonl").read_text().splitlines()[:32]) + "\n")
     (root / "eval.jsonl").write_text("\n".join((DEMO / "eval.jsonl").read_text().splitlines()[:4]) + "\n")
     paths = {"root": root, "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
-    for name, base in (("adapter", TINY), ("other_adapter", write_tiny_llama(root / "other-base", shard_size=None))):
+    for name, base in (("adapter", ASSET), ("other_adapter", write_tiny_llama(root / "other-base", shard_size=None))):
         model = load_quantized(base, compute_dtype="fp32", device="cpu", progress=False)
         torch.manual_seed(0)
         apply_lora(model, "all-linear", r=4, alpha=8.0)
@@ -62,7 +57,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_config(ws: dict, out_dir: Path, **changes) -> dict:
-    cfg = {"model": {"path": str(TINY), "compute_dtype": "fp32"},
+    cfg = {"model": {"path": str(ASSET), "compute_dtype": "fp32"},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
            "data": {"path": str(ws["train"]), "format": "chat", "max_seq_len": 64, "eval_path": str(ws["eval"])},
            "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "optimizer": "adamw", "lr": 2e-3,
@@ -83,7 +78,7 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 
 
 def model_copy(dest: Path, edit: Callable[[Path], None] | None = None) -> Path:
-    shutil.copytree(TINY, dest)
+    shutil.copytree(ASSET, dest)
     if edit is not None:
         edit(dest)
     return dest
@@ -127,7 +122,7 @@ def _train(w: Path, ws: dict, *overrides: str, **changes) -> list[str]:
 
 
 def _merge(w: Path, ws: dict, adapter=None, base=None, *extra: str) -> list[str]:
-    return ["merge", "--base", str(base or TINY), "--adapter", str(adapter or ws["adapter"]), "--out",
+    return ["merge", "--base", str(base or ASSET), "--adapter", str(adapter or ws["adapter"]), "--out",
             str(w / "merged"), "--quiet", *extra]
 
 
@@ -269,20 +264,20 @@ BAD_INPUT = {
     "generate: base config.json a list": Case(
         lambda w, ws: ["generate", "--base", str(w / "m"), "--prompt", "hi"], r"m/config\.json: expected a JSON",
         lambda w, ws: model_copy(w / "m", lambda m: (m / "config.json").write_text("[1, 2]"))),
-    "generate: no prompt": Case(lambda w, ws: ["generate", "--base", str(TINY)], r"--prompt"),
+    "generate: no prompt": Case(lambda w, ws: ["generate", "--base", str(ASSET)], r"--prompt"),
     "generate: base missing": Case(lambda w, ws: ["generate", "--base", str(w / "nobase"), "--prompt", "hi"],
                                    r"nobase"),
-    "generate: adapter missing": Case(lambda w, ws: ["generate", "--base", str(TINY), "--adapter",
+    "generate: adapter missing": Case(lambda w, ws: ["generate", "--base", str(ASSET), "--adapter",
                                                      str(w / "noadapter"), "--prompt", "hi"], r"noadapter"),
     "generate: adapter for another base": Case(
-        lambda w, ws: ["generate", "--base", str(TINY), "--adapter", str(ws["other_adapter"]), "--prompt", "hi"],
+        lambda w, ws: ["generate", "--base", str(ASSET), "--adapter", str(ws["other_adapter"]), "--prompt", "hi"],
         r"other_adapter/qlora_trainer\.json: .*different base"),
-    "generate: top-p out of range": Case(lambda w, ws: ["generate", "--base", str(TINY), "--prompt", "hi",
+    "generate: top-p out of range": Case(lambda w, ws: ["generate", "--base", str(ASSET), "--prompt", "hi",
                                                         "--top-p", "2"], r"top_p"),
     # ---- estimate
     "estimate: model missing": Case(lambda w, ws: ["estimate", "--model", str(w / "nomodel")], r"nomodel"),
-    "estimate: seq len 0": Case(lambda w, ws: ["estimate", "--model", str(TINY), "--seq-len", "0"], r"--seq-len"),
-    "estimate: unknown target": Case(lambda w, ws: ["estimate", "--model", str(TINY), "--targets", "qkv"],
+    "estimate: seq len 0": Case(lambda w, ws: ["estimate", "--model", str(ASSET), "--seq-len", "0"], r"--seq-len"),
+    "estimate: unknown target": Case(lambda w, ws: ["estimate", "--model", str(ASSET), "--targets", "qkv"],
                                      r"--targets.*qkv"),
     "estimate: unsupported model_type": Case(
         lambda w, ws: ["estimate", "--model", str(w / "m")], r"config\.json: model_type 'bert'",
@@ -437,7 +432,7 @@ def test_corrupt_final_adapter_is_refused_by_load_and_merge(how, ws, tmp_path):
     adapter = shutil.copytree(ws["adapter"], tmp_path / "adapter")
     (flip_byte if how == "bit flip" else truncate)(adapter / "adapter_model.safetensors")
     message = "checksum mismatch" if how == "bit flip" else "not a readable safetensors file"
-    model = load_quantized(TINY, compute_dtype="fp32", device="cpu", progress=False)
+    model = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
     from qlora_trainer.adapter import load_adapter_into
     from qlora_trainer.merge import merge
 
@@ -445,7 +440,7 @@ def test_corrupt_final_adapter_is_refused_by_load_and_merge(how, ws, tmp_path):
         load_adapter_into(model, adapter)
     assert not lora_modules(model)
     with pytest.raises(UserError, match=rf"{adapter / 'adapter_model.safetensors'}: {message}"):
-        merge(TINY, adapter, tmp_path / "merged", progress=False)
+        merge(ASSET, adapter, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
 
 
@@ -510,11 +505,11 @@ def test_full_disk_during_a_merge_leaves_no_output(ws, tmp_path, monkeypatch, ca
         return real_write(self, key, tensor)
 
     monkeypatch.setattr(shards.ShardWriter, "write", write)
-    code, _, err = run_cli(["merge", "--base", str(TINY), "--adapter", str(ws["adapter"]), "--out",
+    code, _, err = run_cli(["merge", "--base", str(ASSET), "--adapter", str(ws["adapter"]), "--out",
                             str(tmp_path / "merged"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "merged: no space left on the device" in err and "needs about 2." in err  # ~2 MB of fp32/bf16 tensors
-    assert sorted(os.listdir(tmp_path)) == []  # neither the output nor its temporary folder
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
 
 
 # ------------------------------------------------------------------------------------------ one run per folder (5)
@@ -526,7 +521,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(ws, tmp_path, capsys):
         code, _, err = run_cli(["train", str(write_yaml(tmp_path / "cfg.yaml", run_config(ws, out))),
                                 "--resume"], capsys)
         assert code == 2 and f"{out / '.lock'}: another training run (pid {os.getpid()}" in err
-    assert sorted(os.listdir(out)) == [".lock"]  # the refused run wrote nothing
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
 
 
 def test_a_killed_runs_lock_is_taken_over(tmp_path):

@@ -20,10 +20,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_state_dict
 from qlora_trainer.loss import CausalLMLoss
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = REPO / "assets" / "tiny-llama"
-DEMO = REPO / "data" / "demo"
+from tests.helpers import ASSET, DEMO, Stop, save_then_die
 
 
 def _small_eval_set() -> Path:
@@ -35,7 +32,7 @@ def _small_eval_set() -> Path:
 
 
 def _config(out: Path, **train_overrides):
-    flat = {"model.path": str(TINY_MODEL), "model.compute_dtype": "fp32", "data.path": str(DEMO / "train.jsonl"),
+    flat = {"model.path": str(ASSET), "model.compute_dtype": "fp32", "data.path": str(DEMO / "train.jsonl"),
             "data.format": "chat", "data.eval_path": str(_small_eval_set()), "data.max_seq_len": 64,
             "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.1, "train.optimizer": "adamw", "train.batch_size": 4,
             "train.grad_accum": 2, "train.lr": 2e-3, "train.warmup_steps": 2, "train.schedule": "cosine",
@@ -44,36 +41,26 @@ def _config(out: Path, **train_overrides):
     return build_config(flat)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
 def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch, optimizer):
-    def config(out):
+    def run_config(out):
         return _config(out, max_steps=4, save_every=2, batch_size=2, optimizer=optimizer)
 
-    straight = train_mod.train(config(tmp_path / "straight"), progress=False, log=lambda *_: None)
+    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
     assert straight.steps == 4
 
     real_save = ckpt.save_checkpoint
-
-    def save_then_die(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 2:
-            raise _Stop  # the process "dies" right after its step-2 checkpoint
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(_Stop):
-        train_mod.train(config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
+    # the process "dies" right after its step-2 checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
+    with pytest.raises(Stop):
+        train_mod.train(run_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / "adapter").exists()
-    resumed_cfg = config(tmp_path / "resumed")
+    resumed_cfg = run_config(tmp_path / "resumed")
     resumed_cfg.resume = True
     logs = []
     train_mod.train(resumed_cfg, progress=False, log=logs.append)
@@ -184,7 +171,7 @@ def test_gradient_accumulation_weights_every_token_equally(tmp_path):
     short, long_ = examples[0], max(examples[:50], key=lambda e: len(e["input_ids"]))
     grads = []
     for micro in ([collate([short], 2), collate([long_], 2)], [collate([short, long_], 2)]):
-        model = load_quantized(TINY_MODEL, compute_dtype="fp32", device="cpu", progress=False)
+        model = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
         torch.manual_seed(0)
         apply_lora(model, "all-linear", r=4, alpha=8)
         for p in lora_state_dict(model).values():
@@ -207,7 +194,7 @@ def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(tmp_path):
     cfg = _config(tmp_path)
     examples, _, _ = build_datasets(cfg.data, load_tokenizer(cfg))
     some = examples[:5]
-    model = load_quantized(TINY_MODEL, compute_dtype="fp32", device="cpu", progress=False)
+    model = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
     loss_model = CausalLMLoss(model)
     with torch.no_grad():
         packed_sum, packed_n = loss_model(**collate(pack(some, 64), 2))
