@@ -1,4 +1,7 @@
-"""Shared fixtures; the helpers they use (tokenizers, tiny checkpoints, references) are in tests/helpers.py."""
+"""Shared fixtures (the helpers they use are in tests/helpers.py) and the `gpu` marker's skip.
+
+Markers (registered in pyproject.toml): `slow` for multi-second runs (`pytest -m "not slow"` is the quick loop),
+`gpu` for tests that need CUDA; without a GPU they are skipped, with the reason shown by -ra."""
 
 import sys
 
@@ -6,6 +9,15 @@ import pytest
 import torch
 
 from tests.helpers import CHAT_TEMPLATE, REPO, make_tokenizer, write_tiny_llama
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

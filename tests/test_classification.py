@@ -134,6 +134,7 @@ def _config(tmp_path: Path, out: str, **overrides):
     return build_config(flat)
 
 
+@pytest.mark.slow
 def test_classifier_resume_is_bitwise_identical_head_included(tmp_path, monkeypatch):
     straight = train_mod.train(_config(tmp_path, "straight"), progress=False, log=lambda *_: None)
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -202,6 +203,7 @@ def test_label_names_round_trip_and_bad_input(tmp_path, capsys):
         train_mod.train(_config(tmp_path, "few", **{"model.num_labels": 2}), progress=False, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_classifier_learns_the_bundled_task_well_above_chance(tmp_path):
     eval_rows = (REPO / "data/sentiment/eval.jsonl").read_text().splitlines()[:60]
     (tmp_path / "heldout.jsonl").write_text("\n".join(eval_rows) + "\n")  # rows the training never sees

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
+
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import cli
 from tests.helpers import REPO
@@ -17,6 +19,7 @@ sys.modules.setdefault("fault_injection", fi)  # dataclasses look their module u
 _spec.loader.exec_module(fi)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_then_resume_gives_the_uninterrupted_adapter(tmp_path, capsys):
     config = fi.make_workspace(tmp_path, max_steps=3)
     killed = tmp_path / "killed"

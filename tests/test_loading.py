@@ -132,6 +132,7 @@ def _peak_growth(folder: Path) -> dict:
     return {"growth": result["after"] - result["before"], "model_bytes": result["model_bytes"]}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
 def test_peak_host_memory_is_one_tensor_plus_the_quantized_model(tmp_path):
     """Peak RSS of a fresh process loading a 2-layer and a 10-layer checkpoint (50 MB and 185 MB in bf16)."""

@@ -251,6 +251,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
 def test_peak_host_memory_is_about_one_tensor_not_the_model(tmp_path):
     """Merge a 41M-parameter checkpoint (82 MB in bf16, one file, 12 layers) with an all-linear adapter in a fresh

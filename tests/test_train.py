@@ -45,6 +45,7 @@ def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
 def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch, optimizer):
     def run_config(out):
@@ -87,6 +88,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
     assert "step-000004" in messages[0] and "checksum mismatch" in messages[0]
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_outputs_land(tmp_path):
     """Eight examples seen again and again: the adapter must fit them."""
     rows = (DEMO / "train.jsonl").read_text().splitlines()[:8]
@@ -108,6 +110,7 @@ def test_loss_goes_down_and_outputs_land(tmp_path):
     assert result.skipped_steps == 0
 
 
+@pytest.mark.slow
 def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypatch):
     real_forward = CausalLMLoss.forward
     calls = {"n": 0}
