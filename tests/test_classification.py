@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import classify, quant
@@ -22,6 +22,7 @@ from qlora_trainer.adapter import save_adapter
 from qlora_trainer.cli import main
 from qlora_trainer.config import build_config
 from qlora_trainer.data import collate
+from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora
 from qlora_trainer.merge import merge
@@ -184,8 +185,21 @@ def test_label_names_round_trip_and_bad_input(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and all(line.split("\t")[0] in {"eggs", "ham", "spam"} for line in out[:3])
     assert out[-1].startswith("accuracy: ") and "/2 " in out[-1]
-    assert main(["classify", "--base", str(ASSET), "--adapter", str(adapter), "--text", "the cow",
+    # Each --text line: the label and probability of softmax(logits) of PEFT's model over transformers' NF4
+    # classifier with this adapter, for tokenizer(text) as it is.
+    texts = ["the cow", "the dog is here."]
+    assert main(["classify", "--base", str(ASSET), "--adapter", str(adapter), "--text", texts[0], "--text", texts[1],
                  "--device", "cpu"]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    reference = PeftModel.from_pretrained(
+        transformers_nf4_classifier(ASSET, 3, ours["classifier"]["pad_token_id"]), adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ASSET)
+    assert len(printed) == len(texts)
+    for text, (label, prob, shown) in zip(texts, printed):
+        probs = torch.softmax(logits_of(reference, torch.tensor([tokenizer(text).input_ids]))[0], -1)  # (3,)
+        k = int(probs.argmax())
+        assert (label, shown) == (["eggs", "ham", "spam"][k], text)
+        assert abs(float(prob) - float(probs[k])) <= 5e-5 + 1e-6, (prob, probs)  # printed to 4 decimals
 
     bad = [([{"text": "x", "label": "toast"}], "unknown label 'toast'.*eggs, ham, spam"),
            ([{"text": "x", "label": 3}], "label id 3 is out of range.*3 labels")]
@@ -199,7 +213,7 @@ def test_label_names_round_trip_and_bad_input(tmp_path, capsys):
     assert main(["generate", "--base", str(ASSET), "--adapter", str(adapter), "--prompt", "hi"]) == 2
     assert "SEQ_CLS" in capsys.readouterr().err
     assert main(["inspect", str(adapter), "--base", str(ASSET), "--device", "cpu"]) == 0  # head and all
-    with pytest.raises(Exception, match="model.num_labels is 2"):
+    with pytest.raises(UserError, match=r"train\.jsonl has 3 labels but model\.num_labels is 2"):
         train_mod.train(_config(tmp_path, "few", **{"model.num_labels": 2}), progress=False, log=lambda *_: None)
 
 

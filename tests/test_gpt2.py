@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import quant
@@ -161,10 +161,63 @@ def test_generate_decodes_with_the_kv_cache_on_gpt2(ours_adapter):
     assert got == ids[len(prompt):]
 
 
-def test_generate_and_inspect_commands_on_gpt2(gpt2, ours_adapter, capsys):
+def _streamed(tokenizer, tokens: list[int]) -> str:
+    """What streaming `tokens` prints: the longest decoded prefix that does not end in an incomplete UTF-8
+    character (that is held back until its remaining bytes arrive, which they never do once the reply ends)."""
+    for k in range(len(tokens), -1, -1):
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            return text
+
+
+def test_generate_command_on_gpt2_prints_the_greedy_reply_of_peft_over_transformers(gpt2, ours_adapter, capsys):
     _, adapter = ours_adapter
     assert main(["generate", "--base", str(gpt2), "--adapter", str(adapter), "--prompt", "the cat",
                  "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    # The reference: transformers' greedy generate with PEFT over its NF4 load; the plain prompt (GPT-2 has no
+    # chat template) as the tokenizer encodes it; the reply up to the first EOS.
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    assert tokenizer.chat_template is None
+    reference = PeftModel.from_pretrained(transformers_nf4(gpt2), adapter).eval()
+    prompt = tokenizer("the cat").input_ids
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        new = reference.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos)[0, len(prompt):].tolist()
+    new = new[:new.index(eos)] if eos in new else new
+    assert printed == _streamed(tokenizer, new) + "\n"
+
+
+def test_inspect_command_on_gpt2_prints_each_updates_spectrum_and_size(gpt2, ours_adapter, capsys):
+    """Every module row against a dense fp64 reference: ranks, |dW|_F and the top singular values of
+    scale * B @ A read from the adapter file, and |dW| / |W| for W bitsandbytes' dequantization of transformers'
+    NF4 load (the weight training saw; (out, in) for the Conv1D layers too)."""
+    import bitsandbytes.functional as F
+
+    _, adapter = ours_adapter
     assert main(["inspect", str(adapter), "--base", str(gpt2), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "c_attn" in out and "c_fc" in out
+    rows = sorted(tuple(line.split()) for line in out.splitlines() if line.split()[:1] in (["c_attn"], ["c_proj"],
+                                                                                            ["c_fc"])
+                  and line.split()[1] != "mean")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    base = transformers_nf4(gpt2)
+    expected = []
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        dense = scale * tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double()  # (out, in)
+        sigma = torch.linalg.svdvals(dense)[:config["r"]]  # the rest are zero: rank(B @ A) <= r
+        energy = (sigma ** 2).cumsum(0) / (sigma ** 2).sum()
+        r90, r99 = (int((energy < share).sum()) + 1 for share in (0.90, 0.99))
+        weight = base.get_submodule(module).weight
+        W = F.dequantize_4bit(weight.data, weight.quant_state)
+        assert W.shape == dense.shape
+        norm = float(torch.linalg.matrix_norm(dense))
+        expected.append((module.rsplit(".", 1)[-1], module.split(".")[2], str(r90), str(r99),
+                         f"{float(sigma[0] / sigma[-1]):.1f}", f"{norm:.3g}", f"{norm / float(W.double().norm()):.2%}",
+                         *(f"{float(v):.3g}" for v in sigma[:4])))
+    assert len(expected) == 4 * 2 and {row[0] for row in expected} == CONV1D_KINDS
+    assert rows == sorted(expected)

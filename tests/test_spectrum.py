@@ -86,16 +86,26 @@ def test_verdict_takes_the_rank_that_serves_95_percent_of_modules():
     assert "not been trained" in verdict([_spectrum("model.layers.0.mlp.up_proj", 0)])
 
 
-def test_plot_is_a_valid_png(tmp_path):
-    found = [_spectrum(f"model.layers.{i}.{kind}", 2 + i) for i in range(3)
+@pytest.mark.parametrize("layers, height_in", [(3, 3.5), (12, 4.5)])
+def test_plot_is_a_valid_png(tmp_path, layers, height_in):
+    found = [_spectrum(f"model.layers.{i}.{kind}", 2 + i % 14) for i in range(layers)
              for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
     path = plot(found, tmp_path / "out" / "spectra.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[-8:-4] == b"IEND"
     import matplotlib.image
+    from PIL import Image
 
-    image = matplotlib.image.imread(path)
-    assert image.shape[0] > 100 and image.shape[1] > 100
+    with Image.open(path) as png:
+        png.verify()  # every chunk's CRC and the zlib stream
+    with Image.open(path) as png:
+        # 11 inches wide, 3.5 inches high or 0.25 inch per layer + 1.5, at 110 dpi
+        assert png.format == "PNG" and png.size == (round(11 * 110), round(height_in * 110))
+    image = matplotlib.image.imread(path)  # (height, width, RGBA) in [0, 1]
+    assert image.shape == (round(height_in * 110), round(11 * 110), 4)
+    colours = torch.from_numpy(image[..., :3].reshape(-1, 3))
+    assert (colours < 0.99).any(-1).float().mean() > 0.05  # something is drawn: not a blank page
+    assert len(torch.unique(colours, dim=0)) > 50  # the heat map's and the curves' colours, not a few flat fills
     assert [p.name for p in path.parent.iterdir()] == ["spectra.png"]  # no temporary file left
 
 
