@@ -1,46 +1,23 @@
-"""Shared fixtures: tiny word-level tokenizers built with `tokenizers` (no files, no network).
+"""Shared fixtures (the helpers they use are in tests/helpers.py) and the `gpu` marker's skip.
 
-Token ids are fixed by VOCAB, so tests can write expected ids by hand: ids("<s> hi </s>") == [1, ..., 2].
-"""
+Markers (registered in pyproject.toml): `slow` for multi-second runs (`pytest -m "not slow"` is the quick loop),
+`gpu` for tests that need CUDA; without a GPU they are skipped, with the reason shown by -ra."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-CHAT_TEMPLATE = (  # Llama-3 style: starts with the BOS, assistant turns end with the EOS
-    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}<|sep|>{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}</s>{% else %}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|start|>assistant<|sep|>{% endif %}"
-)
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|start|>", "<|sep|>", "<|end|>"]
-WORDS = ("user assistant system hi hello there what is 2 + 3 5 ok yes no a b c the cat sat dog ran ? "
-         "Below an instruction that describes task , paired with input provides further context . Write "
-         "response appropriately completes request ### Instruction : Input Response").split()
-VOCAB = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+from tests.helpers import CHAT_TEMPLATE, REPO, make_tokenizer, write_tiny_llama
 
 
-def ids(text: str) -> list[int]:
-    """Hand-written token ids: whitespace-separated vocabulary entries -> ids (independent of any tokenizer)."""
-    return [VOCAB[w] for w in text.split()]
-
-
-def make_tokenizer(use_bos: bool = True, pad_is_eos: bool = False, chat_template: str | None = CHAT_TEMPLATE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    backend.add_special_tokens(SPECIALS)
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="@@@@")
-    if use_bos:  # like Llama: the tokenizer itself prepends <s>
-        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                               special_tokens=[("<s>", VOCAB["<s>"])])
-    kwargs = dict(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", chat_template=chat_template)
-    kwargs["bos_token"] = "<s>"
-    kwargs["pad_token"] = "</s>" if pad_is_eos else "<pad>"
-    return PreTrainedTokenizerFast(**kwargs)
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +32,14 @@ def tok_pad_eos():
     return make_tokenizer(use_bos=False, pad_is_eos=True, chat_template=CHAT_TEMPLATE.replace("{{ bos_token }}", ""))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """The random tiny LLaMA of write_tiny_llama's defaults: 2 layers, bf16, seed 0, untied, sharded at 150KB
+    (8 files). Written once per session and shared: tests read it, and copy it before changing any file."""
+    with torch.random.fork_rng(devices=[]):  # its seed does not leak into the tests that happen to run after it
+        return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: a second thread gains nothing, and on a busy machine OpenMP's spinning threads make every
@@ -66,9 +51,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory) -> Path:
+def gpt2(tmp_path_factory):
     """A random tiny GPT-2 (2 layers, bf16, sharded) made by the asset script."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(REPO / "scripts"))
     from make_tiny_gpt2 import make_tiny_gpt2
 
     return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "m", n_docs=300, n_layer=2, max_shard_size="150KB")

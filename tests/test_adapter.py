@@ -22,12 +22,8 @@ from qlora_trainer.names import ADAPTER_RECORD_FILE as OURS_FILE
 from qlora_trainer.names import ADAPTER_WEIGHTS_FILE as WEIGHTS_FILE
 from qlora_trainer.loading import load_quantized, meta_model
 from qlora_trainer.lora import apply_lora, lora_modules
-from tests.tiny_models import transformers_nf4, write_tiny_llama
-
-
-
-def _ours(path):
-    return load_quantized(path, compute_dtype="fp32", device="cpu", progress=False)
+from tests.helpers import (TINY, load_ours, random_ids, transformers_nf4, transformers_nf4_classifier,
+                           write_tiny_llama)
 
 
 def _randomize(model, seed=0):
@@ -38,24 +34,14 @@ def _randomize(model, seed=0):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
 
 
-def _ids(vocab_size, seed=1):
-    return torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory):
-    """A 2-layer tiny LLaMA, 3 shards (half the layers of assets/tiny-llama, to keep the many loads quick)."""
-    return write_tiny_llama(tmp_path_factory.mktemp("small") / "base")
-
-
 def _save(model, out, **kwargs):
     return save_adapter(model, out, base_model_name_or_path="tiny-llama", **kwargs)
 
 
 @pytest.fixture(scope="module")
-def saved(small_base, tmp_path_factory):
+def saved(tiny_llama, tmp_path_factory):
     """Our model with random A/B on every linear, saved; (model, adapter folder)."""
-    model = _ours(small_base)
+    model = load_ours(tiny_llama)
     apply_lora(model, "all-linear", r=8, alpha=16)
     _randomize(model)
     return model, _save(model, tmp_path_factory.mktemp("saved") / "adapter")
@@ -63,25 +49,25 @@ def saved(small_base, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ interop with PEFT
 
-def test_ours_loads_in_peft_with_the_same_logits(small_base, saved):
+def test_ours_loads_in_peft_with_the_same_logits(tiny_llama, saved):
     model, folder = saved
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, OURS_FILE]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # e.g. PEFT's "Unexpected keyword arguments" for unknown keys
         config = LoraConfig.from_pretrained(folder)
     assert (config.r, config.lora_alpha, config.use_rslora, config.bias) == (8, 16, False, "none")
-    ref = PeftModel.from_pretrained(transformers_nf4(small_base), folder)
-    ids = _ids(model.config.vocab_size)
+    ref = PeftModel.from_pretrained(transformers_nf4(tiny_llama), folder)
+    ids = random_ids(model.config.vocab_size, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    fresh = _ours(small_base)  # and back into ours, bit for bit
+    fresh = load_ours(tiny_llama)  # and back into ours, bit for bit
     load_adapter_into(fresh, folder)
     for name, layer in lora_modules(model).items():
         assert torch.equal(lora_modules(fresh)[name].lora_A, layer.lora_A)
         assert torch.equal(lora_modules(fresh)[name].lora_B, layer.lora_B)
 
 
-def test_config_and_tensors_are_in_peft_layout(small_base, saved, tmp_path):
+def test_config_and_tensors_are_in_peft_layout(tiny_llama, saved, tmp_path):
     model, folder = saved
     ours = json.loads((folder / CONFIG_FILE).read_text())
     LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], task_type="CAUSAL_LM").save_pretrained(tmp_path)
@@ -100,13 +86,13 @@ def test_config_and_tensors_are_in_peft_layout(small_base, saved, tmp_path):
         assert len(list(f.keys())) == 2 * len(lora_modules(model))
     adapter = read_adapter(folder)
     assert adapter.scale == 2.0 and adapter.extra == {}
-    assert adapter.fingerprint == base_fingerprint(meta_model(small_base))
+    assert adapter.fingerprint == base_fingerprint(meta_model(tiny_llama))
     assert adapter.compute_dtype == "fp32"
 
 
 @pytest.mark.parametrize("r, targets, use_rslora", [(8, "all-linear", False), (8, ["q_proj", "v_proj"], True)])
-def test_peft_adapter_loads_in_ours_with_the_same_logits(small_base, tmp_path, r, targets, use_rslora):
-    peft_model = get_peft_model(transformers_nf4(small_base), LoraConfig(
+def test_peft_adapter_loads_in_ours_with_the_same_logits(tiny_llama, tmp_path, r, targets, use_rslora):
+    peft_model = get_peft_model(transformers_nf4(tiny_llama), LoraConfig(
         r=r, lora_alpha=16, lora_dropout=0.1, target_modules=targets, use_rslora=use_rslora, task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -116,24 +102,24 @@ def test_peft_adapter_loads_in_ours_with_the_same_logits(small_base, tmp_path, r
     peft_model.save_pretrained(tmp_path)
     peft_model.eval()
 
-    ours = _ours(small_base).eval()
+    ours = load_ours(tiny_llama).eval()
     adapter = load_adapter_into(ours, tmp_path)
     assert adapter.fingerprint is None and adapter.scale == (16 / r ** 0.5 if use_rslora else 16 / r)
     n_per_layer = 7 if targets == "all-linear" else 2
     assert len(lora_modules(ours)) == n_per_layer * ours.config.num_hidden_layers
-    ids = _ids(ours.config.vocab_size)
+    ids = random_ids(ours.config.vocab_size, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_partly_wrapped_short_name_is_written_as_full_paths(small_base, tmp_path):
-    model = _ours(small_base)
+def test_partly_wrapped_short_name_is_written_as_full_paths(tiny_llama, tmp_path):
+    model = load_ours(tiny_llama)
     apply_lora(model, ["model.layers.1.self_attn.q_proj", "v_proj"], r=4, alpha=4)
     _randomize(model)
     folder = _save(model, tmp_path / "a")
     config = json.loads((folder / CONFIG_FILE).read_text())
     assert config["target_modules"] == ["model.layers.1.self_attn.q_proj", "v_proj"]
-    fresh = _ours(small_base)
+    fresh = load_ours(tiny_llama)
     load_adapter_into(fresh, folder)
     assert set(lora_modules(fresh)) == set(lora_modules(model))
 
@@ -141,10 +127,10 @@ def test_partly_wrapped_short_name_is_written_as_full_paths(small_base, tmp_path
 # ------------------------------------------------------------------------------------------ wrong base
 
 @pytest.fixture(scope="module")
-def small_adapter(small_base, tmp_path_factory):
+def small_adapter(tiny_llama, tmp_path_factory):
     """An adapter over the 2-layer tiny LLaMA; (base folder, adapter folder)."""
-    root, base = tmp_path_factory.mktemp("small-adapter"), small_base
-    model = _ours(base)
+    root, base = tmp_path_factory.mktemp("small-adapter"), tiny_llama
+    model = load_ours(base)
     apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
     _randomize(model)
     return base, save_adapter(model, root / "adapter", base_model_name_or_path=str(base))
@@ -156,7 +142,7 @@ def test_adapter_over_a_base_with_more_layers_is_refused(small_adapter, tmp_path
     message = rf"{folder / OURS_FILE}: .*different base.*num_hidden_layers=2 \(adapter\) vs 3"
     with pytest.raises(UserError, match=message):  # from the config alone (a meta-device model), as merge does
         check_base_fingerprint(read_adapter(folder), meta_model(deeper))
-    other = _ours(deeper)
+    other = load_ours(deeper)
     with pytest.raises(UserError, match=message):
         load_adapter_into(other, folder)
     assert not lora_modules(other)  # nothing was changed
@@ -167,7 +153,7 @@ def test_adapter_over_a_base_with_more_layers_is_refused(small_adapter, tmp_path
 
 def test_shape_mismatch_names_the_module(small_adapter, tmp_path):
     _, folder = small_adapter
-    wider = _ours(write_tiny_llama(tmp_path / "wider", hidden_size=192, intermediate_size=384))
+    wider = load_ours(write_tiny_llama(tmp_path / "wider", hidden_size=192, intermediate_size=384))
     with pytest.raises(UserError, match=r"hidden_size=128 \(adapter\) vs 192"):
         load_adapter_into(wider, folder)
     with pytest.raises(UserError, match=rf"{WEIGHTS_FILE}: model\.layers\.0\.self_attn\.q_proj has lora_A \(4, 128\)"):
@@ -188,7 +174,7 @@ def test_tampered_fingerprint_shape_names_the_module(small_adapter, tmp_path):
     ours["base_fingerprint"]["modules"]["model.layers.1.mlp.up_proj"] = [999, 128]
     (copy / OURS_FILE).write_text(json.dumps(ours))
     with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj is \(999, 128\)"):
-        load_adapter_into(_ours(base), copy)
+        load_adapter_into(load_ours(base), copy)
 
 
 def test_missing_module_in_weights_is_named_when_loading(small_adapter, tmp_path):
@@ -200,7 +186,7 @@ def test_missing_module_in_weights_is_named_when_loading(small_adapter, tmp_path
         del tensors[f"base_model.model.model.layers.1.self_attn.v_proj.{half}.weight"]
     safetensors.torch.save_file(tensors, copy / WEIGHTS_FILE, metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"no LoRA weights for model\.layers\.1\.self_attn\.v_proj"):
-        load_adapter_into(_ours(base), copy)
+        load_adapter_into(load_ours(base), copy)
 
 
 # ------------------------------------------------------------------------------------------ bad files
@@ -298,18 +284,9 @@ def test_refuses_to_replace_a_folder_that_is_not_an_adapter(saved, tmp_path):
 # ------------------------------------------------------------------------------------------ classifier heads
 
 def test_classifier_head_in_modules_to_save_goes_both_ways(tmp_path):
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
-
     # Tied embeddings: the checkpoint has no lm_head.weight (load_quantized(task="classification") refuses one).
-    small_base = write_tiny_llama(tmp_path / "base", tied=True)
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    ref = AutoModelForSequenceClassification.from_pretrained(small_base, num_labels=3, quantization_config=bnb,
-                                                             dtype=torch.float32, device_map="cpu")
-    ref.config.pad_token_id = ref.config.eos_token_id
-    for module in ref.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    tied_base = write_tiny_llama(tmp_path / "base", tied=True)
+    ref = transformers_nf4_classifier(tied_base, 3, pad_token_id=TINY["eos_token_id"])
     peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="SEQ_CLS"))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -319,16 +296,16 @@ def test_classifier_head_in_modules_to_save_goes_both_ways(tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     peft_model.eval()
 
-    ours = load_quantized(small_base, compute_dtype="fp32", device="cpu", task="classification", num_labels=3,
+    ours = load_quantized(tied_base, compute_dtype="fp32", device="cpu", task="classification", num_labels=3,
                           progress=False)
     adapter = load_adapter_into(ours, tmp_path / "peft")
     assert list(adapter.extra) == ["score.weight"]
-    ids = _ids(ours.config.vocab_size)
+    ids = random_ids(ours.config.vocab_size, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
     # Ours writes the head the way PEFT does, and reads it back.
-    folder = save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(small_base), task_type="SEQ_CLS",
+    folder = save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(tied_base), task_type="SEQ_CLS",
                           modules_to_save=["classifier", "score"])
     back = read_adapter(folder)
     assert torch.equal(back.extra["score.weight"], ours.score.weight)

@@ -6,13 +6,14 @@ classifier learns the bundled task."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import quant, tasks
@@ -21,13 +22,12 @@ from qlora_trainer.adapter import save_adapter
 from qlora_trainer.cli import main
 from qlora_trainer.config import build_config
 from qlora_trainer.data import collate
+from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora
 from qlora_trainer.merge import merge
 from qlora_trainer.tasks.classification import label_names_of, prepare_head
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_LLAMA = REPO / "assets" / "tiny-llama"
+from tests.helpers import ASSET, REPO, Stop, logits_of, save_then_die, transformers_nf4_classifier
 
 NAMES = ["negative", "neutral", "positive"]
 
@@ -37,19 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def base(request, gpt2) -> Path:
-    return TINY_LLAMA if request.param == "llama" else gpt2
-
-
-def transformers_nf4_classifier(path: Path, num_labels: int, pad: int):
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, pad_token_id=pad,
-                                                               quantization_config=bnb, dtype=torch.float32,
-                                                               device_map="cpu")
-    for module in model.modules():
-        if quant.is_nf4_linear(module):
-            module.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return ASSET if request.param == "llama" else gpt2
 
 
 def _batch(vocab: int, pad: int) -> dict:
@@ -59,11 +47,6 @@ def _batch(vocab: int, pad: int) -> dict:
     rows = [[t if t != pad else pad + 1 for t in r] for r in rows]
     batch = collate([{"input_ids": r, "labels": 0} for r in rows], pad)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def _logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits.float()
 
 
 def _our_classifier(path: Path, out: Path, seed: int = 0):
@@ -81,9 +64,9 @@ def _our_classifier(path: Path, out: Path, seed: int = 0):
 
 
 def test_causal_checkpoint_loads_as_an_nf4_classifier_like_transformers():
-    ours = load_quantized(TINY_LLAMA, compute_dtype="fp32", device="cpu", task="classification", num_labels=3,
+    ours = load_quantized(ASSET, compute_dtype="fp32", device="cpu", task="classification", num_labels=3,
                           progress=False)  # the checkpoint's lm_head.weight is not "unexpected"
-    ref = transformers_nf4_classifier(TINY_LLAMA, 3, ours.config.pad_token_id)
+    ref = transformers_nf4_classifier(ASSET, 3, ours.config.pad_token_id)
     ours_layers = {n: m for n, m in ours.named_modules() if quant.is_nf4_linear(m)}
     ref_layers = {n: m for n, m in ref.named_modules() if quant.is_nf4_linear(m)}
     assert set(ours_layers) == set(ref_layers) and "score" not in ours_layers
@@ -93,7 +76,7 @@ def test_causal_checkpoint_loads_as_an_nf4_classifier_like_transformers():
     with torch.no_grad():
         ref.score.weight.copy_(ours.score.weight)
     batch = _batch(ours.config.vocab_size, ours.config.pad_token_id)
-    assert torch.equal(_logits(ours, batch), _logits(ref, batch))
+    assert torch.equal(logits_of(ours, batch), logits_of(ref, batch))
 
 
 def test_seq_cls_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base, tmp_path):
@@ -106,7 +89,7 @@ def test_seq_cls_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base, tmp_
     batch = _batch(ours.config.vocab_size, pad)
 
     theirs = PeftModel.from_pretrained(transformers_nf4_classifier(base, 3, pad), tmp_path / "ours").eval()
-    torch.testing.assert_close(_logits(theirs, batch), _logits(ours, batch), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(theirs, batch), logits_of(ours, batch), atol=1e-5, rtol=1e-5)
 
     peft_model = get_peft_model(transformers_nf4_classifier(base, 3, pad),
                                 LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
@@ -120,7 +103,7 @@ def test_seq_cls_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base, tmp_
                                                               device="cpu")
     names = label_names_of(loaded)
     assert names == ["LABEL_0", "LABEL_1", "LABEL_2"]
-    torch.testing.assert_close(_logits(loaded, batch), _logits(peft_model.eval(), batch), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(loaded, batch), logits_of(peft_model.eval(), batch), atol=1e-5, rtol=1e-5)
 
 
 def test_merged_classifier_loads_in_transformers_with_head_and_labels(base, tmp_path):
@@ -132,7 +115,7 @@ def test_merged_classifier_loads_in_transformers_with_head_and_labels(base, tmp_
     keys = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
     assert "score.weight" in keys and "lm_head.weight" not in keys
     batch = _batch(ours.config.vocab_size, ours.config.pad_token_id)
-    torch.testing.assert_close(_logits(merged, batch), _logits(ours, batch), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_of(merged, batch), logits_of(ours, batch), atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -144,7 +127,7 @@ def _rows(path: Path, rows: list[dict]) -> Path:
 
 def _config(tmp_path: Path, out: str, **overrides):
     train_rows = [json.loads(line) for line in (REPO / "data/sentiment/train.jsonl").read_text().splitlines()[:48]]
-    flat = {"model.path": str(TINY_LLAMA), "model.compute_dtype": "fp32", "model.task": "classification",
+    flat = {"model.path": str(ASSET), "model.compute_dtype": "fp32", "model.task": "classification",
             "data.path": str(_rows(tmp_path / "train.jsonl", train_rows)), "data.format": "classification",
             "data.eval_path": str(_rows(tmp_path / "eval.jsonl", train_rows[:8])), "data.max_seq_len": 32,
             "lora.r": 2, "lora.alpha": 4, "lora.dropout": 0.1, "train.optimizer": "adamw", "train.batch_size": 4,
@@ -154,10 +137,7 @@ def _config(tmp_path: Path, out: str, **overrides):
     return build_config(flat)
 
 
-class _Stop(Exception):
-    pass
-
-
+@pytest.mark.slow
 def test_classifier_resume_is_bitwise_identical_head_included(tmp_path, monkeypatch):
     straight = train_mod.train(_config(tmp_path, "straight"), progress=False, log=lambda *_: None)
     metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
@@ -165,15 +145,8 @@ def test_classifier_resume_is_bitwise_identical_head_included(tmp_path, monkeypa
     assert set(straight.eval_metrics) == {"eval_loss", "eval_accuracy", "eval_f1"}
 
     real_save = ckpt.save_checkpoint
-
-    def save_then_die(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 2:
-            raise _Stop
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(_Stop):
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
+    with pytest.raises(Stop):
         train_mod.train(_config(tmp_path, "resumed"), progress=False, log=lambda *_: None)
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     cfg = _config(tmp_path, "resumed")
@@ -199,7 +172,7 @@ def test_label_names_round_trip_and_bad_input(tmp_path, capsys):
     assert ours["classifier"]["id2label"] == ["eggs", "ham", "spam"]  # names map to ids in sorted order
     capsys.readouterr()
     merged = tmp_path / "merged"
-    assert main(["merge", "--base", str(TINY_LLAMA), "--adapter", str(adapter), "--out", str(merged), "--dtype",
+    assert main(["merge", "--base", str(ASSET), "--adapter", str(adapter), "--out", str(merged), "--dtype",
                  "fp32", "--verify", "--quiet"]) == 0
     assert "top-1 agreement 100.0%" in capsys.readouterr().out
     config = json.loads((merged / "config.json").read_text())
@@ -209,30 +182,44 @@ def test_label_names_round_trip_and_bad_input(tmp_path, capsys):
     file = _rows(tmp_path / "rows.jsonl", [{"text": "the cat is here.", "label": "spam"},
                                            {"text": "the dog is here.", "label": 1}, {"text": "no label"}])
     capsys.readouterr()
-    assert main(["classify", "--base", str(TINY_LLAMA), "--adapter", str(adapter), "--file", str(file),
+    assert main(["classify", "--base", str(ASSET), "--adapter", str(adapter), "--file", str(file),
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and all(line.split("\t")[0] in {"eggs", "ham", "spam"} for line in out[:3])
     assert out[-1].startswith("accuracy: ") and "/2 " in out[-1]
-    assert main(["classify", "--base", str(TINY_LLAMA), "--adapter", str(adapter), "--text", "the cow",
+    # Each --text line: the label and probability of softmax(logits) of PEFT's model over transformers' NF4
+    # classifier with this adapter, for tokenizer(text) as it is.
+    texts = ["the cow", "the dog is here."]
+    assert main(["classify", "--base", str(ASSET), "--adapter", str(adapter), "--text", texts[0], "--text", texts[1],
                  "--device", "cpu"]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    reference = PeftModel.from_pretrained(
+        transformers_nf4_classifier(ASSET, 3, ours["classifier"]["pad_token_id"]), adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ASSET)
+    assert len(printed) == len(texts)
+    for text, (label, prob, shown) in zip(texts, printed):
+        probs = torch.softmax(logits_of(reference, torch.tensor([tokenizer(text).input_ids]))[0], -1)  # (3,)
+        k = int(probs.argmax())
+        assert (label, shown) == (["eggs", "ham", "spam"][k], text)
+        assert abs(float(prob) - float(probs[k])) <= 5e-5 + 1e-6, (prob, probs)  # printed to 4 decimals
 
     bad = [([{"text": "x", "label": "toast"}], "unknown label 'toast'.*eggs, ham, spam"),
            ([{"text": "x", "label": 3}], "label id 3 is out of range.*3 labels")]
     for i, (rows, message) in enumerate(bad):
         path = _rows(tmp_path / f"bad{i}.jsonl", rows)
         capsys.readouterr()
-        assert main(["classify", "--base", str(TINY_LLAMA), "--adapter", str(adapter), "--file", str(path)]) == 2
+        assert main(["classify", "--base", str(ASSET), "--adapter", str(adapter), "--file", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"bad{i}.jsonl line 1" in err
-        assert __import__("re").search(message, err), err
-    assert main(["generate", "--base", str(TINY_LLAMA), "--adapter", str(adapter), "--prompt", "hi"]) == 2
+        assert re.search(message, err), err
+    assert main(["generate", "--base", str(ASSET), "--adapter", str(adapter), "--prompt", "hi"]) == 2
     assert "SEQ_CLS" in capsys.readouterr().err
-    assert main(["inspect", str(adapter), "--base", str(TINY_LLAMA), "--device", "cpu"]) == 0  # head and all
-    with pytest.raises(Exception, match="model.num_labels is 2"):
+    assert main(["inspect", str(adapter), "--base", str(ASSET), "--device", "cpu"]) == 0  # head and all
+    with pytest.raises(UserError, match=r"train\.jsonl has 3 labels but model\.num_labels is 2"):
         train_mod.train(_config(tmp_path, "few", **{"model.num_labels": 2}), progress=False, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_classifier_learns_the_bundled_task_well_above_chance(tmp_path):
     eval_rows = (REPO / "data/sentiment/eval.jsonl").read_text().splitlines()[:60]
     (tmp_path / "heldout.jsonl").write_text("\n".join(eval_rows) + "\n")  # rows the training never sees

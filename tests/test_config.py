@@ -1,15 +1,11 @@
 """Config: YAML + dotted overrides with types, every rejection (unknown key with a suggestion, wrong type,
 impossible value, missing key, malformed YAML, bad override), the save/load round trip, and configs/*.yaml."""
 
-import glob
-import os
-
 import pytest
 
 from qlora_trainer.config import RunConfig, load_config, save_config
 from qlora_trainer.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 MINIMAL = "model:\n  path: /models/m\ndata:\n  path: data/train.jsonl\nout: runs/x\n"
 
 
@@ -69,7 +65,7 @@ def test_round_trip_through_save_config(cfg_file, tmp_path):
     save_config(cfg, saved)
     again = load_config(saved, [])
     assert again == cfg and isinstance(again, RunConfig)
-    assert not [f for f in os.listdir(tmp_path / "run") if f != "config.yaml"]  # no temp file left behind
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name != "config.yaml"]  # no temp file left behind
 
 
 @pytest.mark.parametrize("text, key, suggestion", [
@@ -167,18 +163,18 @@ def test_other_bad_input(cfg_file, tmp_path):
 
 
 def test_every_shipped_config_loads_and_validates():
-    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
-    assert {os.path.basename(p) for p in paths} >= {"tiny.yaml", "llama2-7b.yaml", "llama3-8b.yaml",
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"tiny.yaml", "llama2-7b.yaml", "llama3-8b.yaml",
                                                     "llama2-13b.yaml", "llama3-70b.yaml"}
     for path in paths:
-        cfg = load_config(path, [])
+        cfg = load_config(str(path), [])
         assert cfg.out and cfg.model.path and cfg.data.path
 
 
 @pytest.mark.parametrize("name, lr, dropout", [("llama2-7b", 2e-4, 0.1), ("llama3-8b", 2e-4, 0.1),
                                                ("llama2-13b", 2e-4, 0.1), ("llama3-70b", 1e-4, 0.05)])
 def test_real_configs_use_the_qlora_paper_hyperparameters(name, lr, dropout):
-    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), [])
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), [])
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (64, 16.0, dropout, "all-linear")
     assert (cfg.train.lr, cfg.train.optimizer, cfg.train.schedule, cfg.train.max_grad_norm) == (
         lr, "paged_adamw_8bit", "constant", 0.3)
@@ -186,7 +182,7 @@ def test_real_configs_use_the_qlora_paper_hyperparameters(name, lr, dropout):
 
 
 def test_tiny_config_is_the_cpu_demo():
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [])
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [])
     assert (cfg.model.path, cfg.model.compute_dtype, cfg.data.format, cfg.train.optimizer) == (
         "assets/tiny-llama", "fp32", "chat", "adamw")
     assert (cfg.data.path, cfg.data.eval_path, cfg.out) == (

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from tests.conftest import CHAT_TEMPLATE, ids, make_tokenizer
 from qlora_trainer.cli import main
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import (build_datasets, collate, load_rows, pack, preview,
                                 tokenize_row)
 from qlora_trainer.errors import UserError
 from qlora_trainer.names import IGNORE_INDEX
+from tests.helpers import CHAT_TEMPLATE, ids, make_tokenizer
 
 X = IGNORE_INDEX
 ALPACA_PROMPT = ("Below is an instruction that describes a task . Write a response that appropriately completes "

@@ -115,7 +115,7 @@ def test_tied_embeddings_count_once(tmp_path):
     """A tied checkpoint loaded as the trainer loads it: lm_head and embed_tokens share one tensor."""
     from qlora_trainer import quant
     from qlora_trainer.loading import load_quantized
-    from tests.tiny_models import write_tiny_llama
+    from tests.helpers import write_tiny_llama
 
     overrides = {k: v for k, v in SMALL.items() if k not in ("model_type", "tie_word_embeddings")}
     path = write_tiny_llama(tmp_path / "tied", tied=True, shard_size=None, **overrides)

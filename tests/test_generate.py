@@ -14,8 +14,7 @@ from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.generate import (eos_ids, generate, generate_ids, load_for_generation, next_token,
                                     render_prompt)
-from tests.test_merge import ASSET, write_peft_adapter
-from tests.tiny_models import transformers_nf4
+from tests.helpers import ASSET, transformers_nf4, write_peft_adapter
 
 PROMPT = "hello there"
 

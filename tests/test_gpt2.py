@@ -5,13 +5,12 @@ checkpoint's own layout for both --into targets, generate and inspect."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import quant
@@ -21,23 +20,12 @@ from qlora_trainer.generate import generate_ids
 from qlora_trainer.loading import load_info, load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, resolve_targets
 from qlora_trainer.merge import merge
-from tests.tiny_models import transformers_nf4
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import logits_of, random_ids, transformers_nf4
 
 CONV1D_KINDS = {"c_attn", "c_proj", "c_fc"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 def _randomize_b(named_params, seed: int = 0, std: float = 0.05) -> None:
@@ -90,8 +78,8 @@ def test_conv1d_weights_quantize_bit_equal_to_transformers(gpt2):
                             in load_file(p)))["transformer.h.0.attn.c_attn.weight"]
     assert c_attn.shape == (128, 384)
     assert quant.dequantize(ours_layers["transformer.h.0.attn.c_attn"]).shape == (384, 128)
-    ids = _ids(ours.config.vocab_size)
-    assert torch.equal(_logits(ours, ids), _logits(ref, ids))
+    ids = random_ids(ours.config.vocab_size)
+    assert torch.equal(logits_of(ours, ids), logits_of(ref, ids))
     assert ours.lm_head.weight is ours.transformer.wte.weight  # tied, never quantized
 
 
@@ -122,16 +110,16 @@ def test_adapter_layout_equals_peft_over_transformers_4bit_gpt2(ours_adapter, pe
 
 def test_our_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(gpt2, ours_adapter, peft_adapter):
     ours_model, ours_dir = ours_adapter
-    ids = _ids(ours_model.config.vocab_size)
+    ids = random_ids(ours_model.config.vocab_size)
     theirs = PeftModel.from_pretrained(transformers_nf4(gpt2), ours_dir).eval()
-    torch.testing.assert_close(_logits(theirs, ids), _logits(ours_model.eval(), ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(theirs, ids), logits_of(ours_model.eval(), ids), atol=1e-5, rtol=1e-5)
 
     peft_model, peft_dir = peft_adapter
     ours = load_quantized(gpt2, compute_dtype="fp32", device="cpu", progress=False)
-    plain = _logits(ours, ids)
+    plain = logits_of(ours, ids)
     load_adapter_into(ours, peft_dir)
-    got = _logits(ours, ids)
-    torch.testing.assert_close(got, _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
+    got = logits_of(ours, ids)
+    torch.testing.assert_close(got, logits_of(peft_model, ids), atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # the adapter changes the output: the comparison means something
 
 
@@ -142,13 +130,13 @@ def test_merge_keeps_conv1d_layout_and_gives_base_plus_adapter_logits(gpt2, ours
     out = merge(gpt2, adapter, tmp_path / "merged", dtype="fp32", into=into, compute_dtype="fp32", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert isinstance(merged.transformer.h[0].attn.c_proj, Conv1D)
-    ids = _ids(merged.config.vocab_size)
+    ids = random_ids(merged.config.vocab_size)
     if into == "dequantized":
         reference = model.eval()  # the quantized base + adapter that was trained
     else:  # the unquantized base + the adapter, through PEFT's own Conv1D (fan_in_fan_out) path
         dense = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
         reference = PeftModel.from_pretrained(dense, adapter).eval()
-    torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(reference, ids), atol=1e-4, rtol=1e-4)
 
     # each weight in the checkpoint's (in, out) layout: merged - base == (scale * B @ A).T, the square c_proj too
     base = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
@@ -172,10 +160,63 @@ def test_generate_decodes_with_the_kv_cache_on_gpt2(ours_adapter):
     assert got == ids[len(prompt):]
 
 
-def test_generate_and_inspect_commands_on_gpt2(gpt2, ours_adapter, capsys):
+def _streamed(tokenizer, tokens: list[int]) -> str:
+    """What streaming `tokens` prints: the longest decoded prefix that does not end in an incomplete UTF-8
+    character (that is held back until its remaining bytes arrive, which they never do once the reply ends)."""
+    for k in range(len(tokens), -1, -1):
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            return text
+
+
+def test_generate_command_on_gpt2_prints_the_greedy_reply_of_peft_over_transformers(gpt2, ours_adapter, capsys):
     _, adapter = ours_adapter
     assert main(["generate", "--base", str(gpt2), "--adapter", str(adapter), "--prompt", "the cat",
                  "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    # The reference: transformers' greedy generate with PEFT over its NF4 load; the plain prompt (GPT-2 has no
+    # chat template) as the tokenizer encodes it; the reply up to the first EOS.
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    assert tokenizer.chat_template is None
+    reference = PeftModel.from_pretrained(transformers_nf4(gpt2), adapter).eval()
+    prompt = tokenizer("the cat").input_ids
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        new = reference.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos)[0, len(prompt):].tolist()
+    new = new[:new.index(eos)] if eos in new else new
+    assert printed == _streamed(tokenizer, new) + "\n"
+
+
+def test_inspect_command_on_gpt2_prints_each_updates_spectrum_and_size(gpt2, ours_adapter, capsys):
+    """Every module row against a dense fp64 reference: ranks, |dW|_F and the top singular values of
+    scale * B @ A read from the adapter file, and |dW| / |W| for W bitsandbytes' dequantization of transformers'
+    NF4 load (the weight training saw; (out, in) for the Conv1D layers too)."""
+    import bitsandbytes.functional as F
+
+    _, adapter = ours_adapter
     assert main(["inspect", str(adapter), "--base", str(gpt2), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "c_attn" in out and "c_fc" in out
+    rows = sorted(tuple(line.split()) for line in out.splitlines() if line.split()[:1] in (["c_attn"], ["c_proj"],
+                                                                                            ["c_fc"])
+                  and line.split()[1] != "mean")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    base = transformers_nf4(gpt2)
+    expected = []
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        dense = scale * tensors[key.replace("lora_A", "lora_B")].double() @ tensors[key].double()  # (out, in)
+        sigma = torch.linalg.svdvals(dense)[:config["r"]]  # the rest are zero: rank(B @ A) <= r
+        energy = (sigma ** 2).cumsum(0) / (sigma ** 2).sum()
+        r90, r99 = (int((energy < share).sum()) + 1 for share in (0.90, 0.99))
+        weight = base.get_submodule(module).weight
+        W = F.dequantize_4bit(weight.data, weight.quant_state)
+        assert W.shape == dense.shape
+        norm = float(torch.linalg.matrix_norm(dense))
+        expected.append((module.rsplit(".", 1)[-1], module.split(".")[2], str(r90), str(r99),
+                         f"{float(sigma[0] / sigma[-1]):.1f}", f"{norm:.3g}", f"{norm / float(W.double().norm()):.2%}",
+                         *(f"{float(v):.3g}" for v in sigma[:4])))
+    assert len(expected) == 4 * 2 and {row[0] for row in expected} == CONV1D_KINDS
+    assert rows == sorted(expected)

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
+
+import pytest
 
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import cli
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fault_injection", REPO / "scripts" / "fault_injection.py")
 fi = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("fault_injection", fi)  # dataclasses look their module up there
 _spec.loader.exec_module(fi)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_then_resume_gives_the_uninterrupted_adapter(tmp_path, capsys):
     config = fi.make_workspace(tmp_path, max_steps=3)
     killed = tmp_path / "killed"

@@ -14,12 +14,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import (LoRALinear, apply_lora, delta_weight, lora_modules, lora_state_dict,
                                 trainable_parameter_summary)
-from tests.tiny_models import TINY, transformers_nf4, write_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
+from tests.helpers import TINY, transformers_nf4
 
 
 def _random_B(layer: LoRALinear, gen: torch.Generator) -> None:
@@ -120,9 +115,9 @@ def _peft_model(path, r, alpha, use_rslora=False, targets="all-linear"):
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_same_A_B_give_peft_logits_and_gradients(tiny, use_rslora):
-    peft_model = _peft_model(tiny, r=8, alpha=16, use_rslora=use_rslora)
-    ours = load_quantized(tiny, compute_dtype="fp32", device="cpu", progress=False)
+def test_same_A_B_give_peft_logits_and_gradients(tiny_llama, use_rslora):
+    peft_model = _peft_model(tiny_llama, r=8, alpha=16, use_rslora=use_rslora)
+    ours = load_quantized(tiny_llama, compute_dtype="fp32", device="cpu", progress=False)
     wrapped = apply_lora(ours, "all-linear", r=8, alpha=16, use_rslora=use_rslora)
     assert len(wrapped) == 7 * TINY["num_hidden_layers"]
 
@@ -152,9 +147,9 @@ def test_same_A_B_give_peft_logits_and_gradients(tiny, use_rslora):
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["gate_proj", "down_proj", "o_proj"]])
-def test_trainable_parameter_counts_match_peft(tiny, targets):
-    peft_model = _peft_model(tiny, r=4, alpha=8, targets=targets)
-    ours = load_quantized(tiny, compute_dtype="fp32", device="cpu", progress=False)
+def test_trainable_parameter_counts_match_peft(tiny_llama, targets):
+    peft_model = _peft_model(tiny_llama, r=4, alpha=8, targets=targets)
+    ours = load_quantized(tiny_llama, compute_dtype="fp32", device="cpu", progress=False)
     apply_lora(ours, targets, r=4, alpha=8)
     trainable, total, line = trainable_parameter_summary(ours)
     assert (trainable, total) == peft_model.get_nb_trainable_parameters()
@@ -162,10 +157,10 @@ def test_trainable_parameter_counts_match_peft(tiny, targets):
     assert set(name for name, p in ours.named_parameters() if p.requires_grad) == set(lora_state_dict(ours))
 
 
-def test_lm_head_is_never_wrapped_and_unknown_targets_are_named(tiny):
-    ours = load_quantized(tiny, compute_dtype="fp32", device="cpu", progress=False)
+def test_lm_head_is_never_wrapped_and_unknown_targets_are_named(tiny_llama):
+    ours = load_quantized(tiny_llama, compute_dtype="fp32", device="cpu", progress=False)
     apply_lora(ours, "all-linear", r=2, alpha=2)
     assert not isinstance(ours.lm_head, LoRALinear)
-    fresh = load_quantized(tiny, compute_dtype="fp32", device="cpu", progress=False)
+    fresh = load_quantized(tiny_llama, compute_dtype="fp32", device="cpu", progress=False)
     with pytest.raises(UserError, match=r"lora\.targets: qproj match no linear layer.*q_proj"):
         apply_lora(fresh, ["qproj"], r=2, alpha=2)

@@ -9,12 +9,7 @@ from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict
 from qlora_trainer.loss import CausalLMLoss, chunked_cross_entropy
 from qlora_trainer.train import enable_checkpointing
-from tests.tiny_models import TINY, write_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
+from tests.helpers import TINY
 
 
 def _model_with_random_lora(path, seed=0):
@@ -39,11 +34,11 @@ def _batch(gen):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_chunked_loss_and_gradients_equal_transformers_loss(tiny, chunk_size):
+def test_chunked_loss_and_gradients_equal_transformers_loss(tiny_llama, chunk_size):
     gen = torch.Generator().manual_seed(0)
     ids, labels, mask = _batch(gen)
-    ours_model = _model_with_random_lora(tiny)
-    ref_model = _model_with_random_lora(tiny)
+    ours_model = _model_with_random_lora(tiny_llama)
+    ref_model = _model_with_random_lora(tiny_llama)
 
     summed, n = CausalLMLoss(ours_model, chunk_size)(input_ids=ids, labels=labels, attention_mask=mask)
     assert n == int((labels[:, 1:] != -100).sum())
@@ -73,10 +68,10 @@ def test_chunked_loss_skips_untrained_tokens_before_the_projection():
     torch.testing.assert_close(summed, expected)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama):
     gen = torch.Generator().manual_seed(1)
     ids, labels, mask = _batch(gen)
-    plain, checkpointed = _model_with_random_lora(tiny), _model_with_random_lora(tiny)
+    plain, checkpointed = _model_with_random_lora(tiny_llama), _model_with_random_lora(tiny_llama)
     enable_checkpointing(checkpointed)
     assert checkpointed.model.gradient_checkpointing
     for model in (plain, checkpointed):

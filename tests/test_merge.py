@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -22,41 +21,13 @@ from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.merge import merge, verify
-from tests.tiny_models import TINY, transformers_nf4, write_tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "assets" / "tiny-llama"
-
-
-def write_peft_adapter(base: Path, out: Path, *, targets="all-linear", r: int = 8, alpha: float = 16,
-                       use_rslora: bool = False, seed: int = 0, b_std: float = 0.05) -> Path:
-    """An adapter written by PEFT itself over transformers + bitsandbytes NF4, with random non-zero B."""
-    model = transformers_nf4(base)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora,
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * b_std)
-    peft_model.save_pretrained(out)
-    return out
+from tests.helpers import ASSET, REPO, TINY, logits_of, random_ids, write_peft_adapter, write_tiny_llama
 
 
 def ours_with_adapter(base: Path, adapter: Path):
     model = load_quantized(base, compute_dtype="fp32", device="cpu", progress=False)
     load_adapter_into(model, adapter)
     return model
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def _ids(vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(seed))
 
 
 def _read_folder(path: Path) -> dict[str, torch.Tensor]:
@@ -94,13 +65,13 @@ def test_dequantized_fp32_merge_gives_the_logits_of_quantized_base_plus_adapter(
                                                          compute_dtype="fp32", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain transformers
     ours = ours_with_adapter(ASSET, adapter)
-    ids = _ids(ours.config.vocab_size)
-    a, b = _logits(ours, ids), _logits(merged, ids)
+    ids = random_ids(ours.config.vocab_size, length=20)
+    a, b = logits_of(ours, ids), logits_of(merged, ids)
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
     # The adapter matters: the merged model is not just the base.
     base = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
-    assert (_logits(base, ids) - b).abs().max() > 1e-2
+    assert (logits_of(base, ids) - b).abs().max() > 1e-2
 
 
 def test_original_merge_equals_a_dense_reference_merge(adapter_all, tmp_path):
@@ -139,8 +110,8 @@ def test_default_dtype_keeps_bf16_and_assumes_bf16_compute(adapter_all, tmp_path
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ours = ours_with_adapter(ASSET, adapter_all)
-    ids = _ids(ours.config.vocab_size)
-    a, b = _logits(ours, ids), _logits(model, ids)
+    ids = random_ids(ours.config.vocab_size, length=20)
+    a, b = logits_of(ours, ids), logits_of(model, ids)
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # bf16 rounding of the merged weights only
 
 
@@ -185,8 +156,8 @@ def test_tied_embeddings_stay_tied(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
     ours = ours_with_adapter(base, adapter)
-    ids = _ids(TINY["vocab_size"])
-    torch.testing.assert_close(_logits(merged, ids), _logits(ours, ids), atol=1e-4, rtol=1e-4)
+    ids = random_ids(TINY["vocab_size"], length=20)
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(ours, ids), atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- errors, atomicity
@@ -280,6 +251,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
 def test_peak_host_memory_is_about_one_tensor_not_the_model(tmp_path):
     """Merge a 41M-parameter checkpoint (82 MB in bf16, one file, 12 layers) with an all-linear adapter in a fresh
@@ -351,27 +323,25 @@ def _our_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     return model
 
 
-def test_our_adapter_over_a_base_with_another_fingerprint_is_refused(tmp_path):
-    base = write_tiny_llama(tmp_path / "base")
-    _our_adapter(base, tmp_path / "run" / "adapter")
+def test_our_adapter_over_a_base_with_another_fingerprint_is_refused(tiny_llama, tmp_path):
+    _our_adapter(tiny_llama, tmp_path / "run" / "adapter")
     other = write_tiny_llama(tmp_path / "other", rms_norm_eps=1e-3)  # same shapes, different computation
     with pytest.raises(UserError, match="qlora_trainer.json.*different base.*rms_norm_eps"):
         merge(other, tmp_path / "run" / "adapter", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_compute_dtype_comes_from_the_runs_config_yaml(tmp_path):
-    base = write_tiny_llama(tmp_path / "base")
-    trained = _our_adapter(base, tmp_path / "run" / "adapter")
+def test_compute_dtype_comes_from_the_runs_config_yaml(tiny_llama, tmp_path):
+    trained = _our_adapter(tiny_llama, tmp_path / "run" / "adapter")
     (tmp_path / "run" / "config.yaml").write_text("model: {path: x, compute_dtype: fp32}\n")
-    out = merge(base, tmp_path / "run" / "adapter", tmp_path / "out", dtype="fp32", progress=False)
-    explicit = merge(base, tmp_path / "run" / "adapter", tmp_path / "out2", dtype="fp32", compute_dtype="fp32",
+    out = merge(tiny_llama, tmp_path / "run" / "adapter", tmp_path / "out", dtype="fp32", progress=False)
+    explicit = merge(tiny_llama, tmp_path / "run" / "adapter", tmp_path / "out2", dtype="fp32", compute_dtype="fp32",
                      progress=False)
     merged = _read_folder(out)
     assert all(torch.equal(t, _read_folder(explicit)[k]) for k, t in merged.items())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = _ids(TINY["vocab_size"])
-    torch.testing.assert_close(_logits(model, ids), _logits(trained, ids), atol=1e-4, rtol=1e-4)
+    ids = random_ids(TINY["vocab_size"], length=20)
+    torch.testing.assert_close(logits_of(model, ids), logits_of(trained, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_gpt2_conv1d_weights_merge_in_their_own_layout(tmp_path):
@@ -385,8 +355,8 @@ def test_gpt2_conv1d_weights_merge_in_their_own_layout(tmp_path):
     out = merge(tmp_path / "gpt2", adapter, tmp_path / "out", dtype="fp32", compute_dtype="fp32", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours = ours_with_adapter(tmp_path / "gpt2", adapter)
-    ids = _ids(256)
-    torch.testing.assert_close(_logits(merged, ids), _logits(ours, ids), atol=1e-4, rtol=1e-4)
+    ids = random_ids(256, length=20)
+    torch.testing.assert_close(logits_of(merged, ids), logits_of(ours, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_python_callers_read_argument_names_and_the_cli_reads_flags(tmp_path, capsys):

@@ -12,17 +12,11 @@ from qlora_trainer.adapter import load_adapter_into, save_adapter
 from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.generate import generate, load_for_generation
-from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules
 from qlora_trainer.multi_adapter import MultiLoRALinear, load_adapters_into
-from tests.test_merge import ASSET
-from tests.tiny_models import write_tiny_llama
+from tests.helpers import ASSET, load_ours
 
 ROWS = ["a", None, "b", "a", "c", None]
-
-
-def _ours(path):
-    return load_quantized(path, compute_dtype="fp32", device="cpu", progress=False)
 
 
 def _unwrap(model):
@@ -47,13 +41,8 @@ def _write_adapters(model, out, specs):
     return folders
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("multi") / "base")
-
-
-def test_mixed_batch_equals_each_adapter_alone_and_base_rows_the_bare_base(base, tmp_path):
-    single = _ours(base)
+def test_mixed_batch_equals_each_adapter_alone_and_base_rows_the_bare_base(tiny_llama, tmp_path):
+    single = load_ours(tiny_llama)
     adapters = _write_adapters(single, tmp_path, [("a", 8, 16, "all-linear", False, 0.1),  # ranks, alphas,
                                                   ("b", 4, 8, ["q_proj", "v_proj"], False, 0.1),  # rsLoRA and
                                                   ("c", 2, 4, ["down_proj", "o_proj"], True, 0.1)])  # targets differ
@@ -65,7 +54,7 @@ def test_mixed_batch_equals_each_adapter_alone_and_base_rows_the_bare_base(base,
             expected[name] = single(ids).logits
             _unwrap(single)
 
-    model = _ours(base)
+    model = load_ours(tiny_llama)
     routing = load_adapters_into(model, adapters)
     assert isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), MultiLoRALinear)
     routing.set_rows(ROWS)

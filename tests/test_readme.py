@@ -1,8 +1,6 @@
 """The README's two commands are the ones CI and users run: keep them true."""
 
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _bash_blocks(text: str) -> list[str]:

@@ -6,7 +6,9 @@ The kill/resume test is in tests/test_kill_resume.py; scripts/fault_injection.py
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
+import math
 import os
 import pickle
 import re
@@ -26,17 +28,13 @@ from qlora_trainer import checkpoint as ckpt
 from qlora_trainer import atomic, cli, lock, shards
 from qlora_trainer import train as train_mod
 from qlora_trainer.adapter import read_adapter, save_adapter
-from qlora_trainer.config import ModelConfig, load_config
+from qlora_trainer.config import load_config
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules
 from qlora_trainer.loss import CausalLMLoss
+from tests.helpers import ASSET, DEMO, REPO, write_tiny_llama
 
-from .tiny_models import write_tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "assets" / "tiny-llama"
-DEMO = REPO / "data" / "demo"
 
 
 # ------------------------------------------------------------------------------------------ shared material
@@ -48,7 +46,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (root / "train.jsonl").write_text("\n".join((DEMO / "train.jsonl").read_text().splitlines()[:32]) + "\n")
     (root / "eval.jsonl").write_text("\n".join((DEMO / "eval.jsonl").read_text().splitlines()[:4]) + "\n")
     paths = {"root": root, "train": root / "train.jsonl", "eval": root / "eval.jsonl"}
-    for name, base in (("adapter", TINY), ("other_adapter", write_tiny_llama(root / "other-base", shard_size=None))):
+    for name, base in (("adapter", ASSET), ("other_adapter", write_tiny_llama(root / "other-base", shard_size=None))):
         model = load_quantized(base, compute_dtype="fp32", device="cpu", progress=False)
         torch.manual_seed(0)
         apply_lora(model, "all-linear", r=4, alpha=8.0)
@@ -61,7 +59,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_config(ws: dict, out_dir: Path, **changes) -> dict:
-    cfg = {"model": {"path": str(TINY), "compute_dtype": "fp32"},
+    cfg = {"model": {"path": str(ASSET), "compute_dtype": "fp32"},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
            "data": {"path": str(ws["train"]), "format": "chat", "max_seq_len": 64, "eval_path": str(ws["eval"])},
            "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "optimizer": "adamw", "lr": 2e-3,
@@ -82,7 +80,7 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 
 
 def model_copy(dest: Path, edit: Callable[[Path], None] | None = None) -> Path:
-    shutil.copytree(TINY, dest)
+    shutil.copytree(ASSET, dest)
     if edit is not None:
         edit(dest)
     return dest
@@ -126,7 +124,7 @@ def _train(w: Path, ws: dict, *overrides: str, **changes) -> list[str]:
 
 
 def _merge(w: Path, ws: dict, adapter=None, base=None, *extra: str) -> list[str]:
-    return ["merge", "--base", str(base or TINY), "--adapter", str(adapter or ws["adapter"]), "--out",
+    return ["merge", "--base", str(base or ASSET), "--adapter", str(adapter or ws["adapter"]), "--out",
             str(w / "merged"), "--quiet", *extra]
 
 
@@ -268,20 +266,20 @@ BAD_INPUT = {
     "generate: base config.json a list": Case(
         lambda w, ws: ["generate", "--base", str(w / "m"), "--prompt", "hi"], r"m/config\.json: expected a JSON",
         lambda w, ws: model_copy(w / "m", lambda m: (m / "config.json").write_text("[1, 2]"))),
-    "generate: no prompt": Case(lambda w, ws: ["generate", "--base", str(TINY)], r"--prompt"),
+    "generate: no prompt": Case(lambda w, ws: ["generate", "--base", str(ASSET)], r"--prompt"),
     "generate: base missing": Case(lambda w, ws: ["generate", "--base", str(w / "nobase"), "--prompt", "hi"],
                                    r"nobase"),
-    "generate: adapter missing": Case(lambda w, ws: ["generate", "--base", str(TINY), "--adapter",
+    "generate: adapter missing": Case(lambda w, ws: ["generate", "--base", str(ASSET), "--adapter",
                                                      str(w / "noadapter"), "--prompt", "hi"], r"noadapter"),
     "generate: adapter for another base": Case(
-        lambda w, ws: ["generate", "--base", str(TINY), "--adapter", str(ws["other_adapter"]), "--prompt", "hi"],
+        lambda w, ws: ["generate", "--base", str(ASSET), "--adapter", str(ws["other_adapter"]), "--prompt", "hi"],
         r"other_adapter/qlora_trainer\.json: .*different base"),
-    "generate: top-p out of range": Case(lambda w, ws: ["generate", "--base", str(TINY), "--prompt", "hi",
+    "generate: top-p out of range": Case(lambda w, ws: ["generate", "--base", str(ASSET), "--prompt", "hi",
                                                         "--top-p", "2"], r"top_p"),
     # ---- estimate
     "estimate: model missing": Case(lambda w, ws: ["estimate", "--model", str(w / "nomodel")], r"nomodel"),
-    "estimate: seq len 0": Case(lambda w, ws: ["estimate", "--model", str(TINY), "--seq-len", "0"], r"--seq-len"),
-    "estimate: unknown target": Case(lambda w, ws: ["estimate", "--model", str(TINY), "--targets", "qkv"],
+    "estimate: seq len 0": Case(lambda w, ws: ["estimate", "--model", str(ASSET), "--seq-len", "0"], r"--seq-len"),
+    "estimate: unknown target": Case(lambda w, ws: ["estimate", "--model", str(ASSET), "--targets", "qkv"],
                                      r"--targets.*qkv"),
     "estimate: unsupported model_type": Case(
         lambda w, ws: ["estimate", "--model", str(w / "m")], r"config\.json: model_type 'bert'",
@@ -307,11 +305,6 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, ws, tmp_path, cap
     assert "Traceback" not in out + err
     assert re.search(spec.names, lines[0]), (spec.names, lines[0])
     assert tree(w) == before, f"left behind: {tree(w) - before}"  # no output folder, no temp folder
-
-
-def test_enough_bad_input_cases():
-    commands = {name.split(":")[0] for name in BAD_INPUT}
-    assert len(BAD_INPUT) >= 30 and commands == {"train", "merge", "generate", "estimate"}
 
 
 def test_a_library_message_over_several_lines_is_printed_as_one(monkeypatch, capsys):
@@ -436,7 +429,7 @@ def test_corrupt_final_adapter_is_refused_by_load_and_merge(how, ws, tmp_path):
     adapter = shutil.copytree(ws["adapter"], tmp_path / "adapter")
     (flip_byte if how == "bit flip" else truncate)(adapter / "adapter_model.safetensors")
     message = "checksum mismatch" if how == "bit flip" else "not a readable safetensors file"
-    model = load_quantized(TINY, compute_dtype="fp32", device="cpu", progress=False)
+    model = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
     from qlora_trainer.adapter import load_adapter_into
     from qlora_trainer.merge import merge
 
@@ -444,7 +437,7 @@ def test_corrupt_final_adapter_is_refused_by_load_and_merge(how, ws, tmp_path):
         load_adapter_into(model, adapter)
     assert not lora_modules(model)
     with pytest.raises(UserError, match=rf"{adapter / 'adapter_model.safetensors'}: {message}"):
-        merge(TINY, adapter, tmp_path / "merged", progress=False)
+        merge(ASSET, adapter, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
 
 
@@ -509,11 +502,11 @@ def test_full_disk_during_a_merge_leaves_no_output(ws, tmp_path, monkeypatch, ca
         return real_write(self, key, tensor)
 
     monkeypatch.setattr(shards.ShardWriter, "write", write)
-    code, _, err = run_cli(["merge", "--base", str(TINY), "--adapter", str(ws["adapter"]), "--out",
+    code, _, err = run_cli(["merge", "--base", str(ASSET), "--adapter", str(ws["adapter"]), "--out",
                             str(tmp_path / "merged"), "--quiet"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "merged: no space left on the device" in err and "needs about 2." in err  # ~2 MB of fp32/bf16 tensors
-    assert sorted(os.listdir(tmp_path)) == []  # neither the output nor its temporary folder
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
 
 
 # ------------------------------------------------------------------------------------------ one run per folder (5)
@@ -525,7 +518,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(ws, tmp_path, capsys):
         code, _, err = run_cli(["train", str(write_yaml(tmp_path / "cfg.yaml", run_config(ws, out))),
                                 "--resume"], capsys)
         assert code == 2 and f"{out / '.lock'}: another training run (pid {os.getpid()}" in err
-    assert sorted(os.listdir(out)) == [".lock"]  # the refused run wrote nothing
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
 
 
 def test_a_killed_runs_lock_is_taken_over(tmp_path):
@@ -574,11 +567,60 @@ def test_a_pickle_payload_in_optimizer_state_is_refused_without_running(finished
     assert marker.exists()
 
 
-def test_remote_code_is_off_by_default():
-    assert ModelConfig(path="x").trust_remote_code is False
-    import inspect
+def _model_with_its_own_code(folder: Path, model_type: str, marker: Path) -> Path:
+    """A copy of the shipped model whose config.json maps the Auto classes to Python files of its own (auto_map),
+    as a hub model that needs trust_remote_code does. Importing either file creates `marker`."""
+    model_copy(folder, lambda m: edit_json(m / "config.json", model_type=model_type, auto_map={
+        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}))
+    payload = f"from pathlib import Path\n\nPath({str(marker)!r}).touch()  # what malicious code would do instead\n"
+    (folder / "configuration_custom.py").write_text(
+        payload + f"from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n"
+                  f"    model_type = {model_type!r}\n")
+    (folder / "modeling_custom.py").write_text(
+        payload + "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+                  "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    return folder
 
-    assert inspect.signature(load_quantized).parameters["trust_remote_code"].default is False
+
+def test_remote_code_is_off_by_default(ws, tmp_path, capsys):
+    """A model that ships its own code is refused by the loader and by every command that loads a model, each
+    naming trust_remote_code, and none of its code runs. (test_loading checks the refusal of an auto_map alone.)"""
+    marker = tmp_path / "code-ran"
+    folder = _model_with_its_own_code(tmp_path / "custom", "custom-llama", marker)
+    with pytest.raises(UserError, match=rf"{folder / 'config.json'}: .*own Python code.*trust_remote_code"):
+        load_quantized(folder, compute_dtype="fp32", device="cpu", progress=False)
+    (tmp_path / "w").mkdir()
+    for argv in (_train(tmp_path / "w", ws, f"model.path={folder}"), ["summary", str(folder), "--device", "cpu"],
+                 ["generate", "--base", str(folder), "--prompt", "hi", "--device", "cpu"],
+                 ["merge", "--base", str(folder), "--adapter", str(ws["adapter"]), "--out", str(tmp_path / "m")]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "config.json" in err and "trust_remote_code" in err, (argv, err)
+    assert not (tmp_path / "w" / "out").exists() and not (tmp_path / "m").exists()
+    # An architecture transformers knows, with an auto_map too: transformers' own classes, never the folder's code.
+    known = _model_with_its_own_code(tmp_path / "known", "llama", marker)
+    model = load_quantized(known, compute_dtype="fp32", device="cpu", progress=False)
+    assert type(model).__module__.startswith("transformers.models.llama.")
+    assert not marker.exists()
+    # The payload is real: importing the file that auto_map names runs it.
+    spec = importlib.util.spec_from_file_location("configuration_custom_probe", folder / "configuration_custom.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert marker.exists()
+
+
+@pytest.mark.slow
+def test_remote_code_runs_only_when_trusted(tmp_path):
+    """The other side of the test above: with trust_remote_code=True the same folder's code does run (in a fresh
+    process, with transformers' module cache in tmp_path), so only the setting stood in its way."""
+    marker = tmp_path / "code-ran"
+    folder = _model_with_its_own_code(tmp_path / "custom", "custom-llama", marker)
+    script = ("import sys; from qlora_trainer.loading import load_quantized; "
+              "m = load_quantized(sys.argv[1], compute_dtype='fp32', device='cpu', trust_remote_code=True, "
+              "progress=False); print(type(m).__name__)")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["CustomForCausalLM"] and marker.exists()
 
 
 def test_adapter_as_a_pickle_is_not_loaded(ws, tmp_path):
@@ -624,15 +666,11 @@ def test_a_nan_gradient_with_a_finite_loss_skips_the_update(ws, tmp_path, monkey
 
     result, logs = _train_with(ws, tmp_path / "run", poison, monkeypatch, **{"train.max_steps": 3,
                                                                              "train.save_every": 3})
-    assert result.skipped_steps == 1 and math_isfinite(result.final_loss)
+    assert result.skipped_steps == 1 and math.isfinite(result.final_loss)
     assert any(line.startswith("step 3: non-finite") and "grad_norm=nan" in line for line in logs), logs
     assert torch.equal(seen["layer"].lora_A.detach(), seen["before"])  # the update was skipped
     saved = safetensors.torch.load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
-
-
-def math_isfinite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def test_a_loss_spike_is_reported(ws, tmp_path, monkeypatch):

@@ -11,11 +11,10 @@ from peft import PeftModel
 
 from qlora_trainer.adapter import load_adapter_into, read_adapter, save_adapter
 from qlora_trainer.cli import main
-from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, delta_weight, lora_modules
 from qlora_trainer.inspect_adapter import plot, write_truncated
 from qlora_trainer.spectrum import ModuleSpectrum, energy_rank, factored_svd, model_spectra, spectra, truncate, verdict
-from tests.tiny_models import transformers_nf4, write_tiny_llama
+from tests.helpers import load_ours, transformers_nf4
 
 
 def _dense(A, B, scale):
@@ -87,34 +86,35 @@ def test_verdict_takes_the_rank_that_serves_95_percent_of_modules():
     assert "not been trained" in verdict([_spectrum("model.layers.0.mlp.up_proj", 0)])
 
 
-def test_plot_is_a_valid_png(tmp_path):
-    found = [_spectrum(f"model.layers.{i}.{kind}", 2 + i) for i in range(3)
+@pytest.mark.parametrize("layers, height_in", [(3, 3.5), (12, 4.5)])
+def test_plot_is_a_valid_png(tmp_path, layers, height_in):
+    found = [_spectrum(f"model.layers.{i}.{kind}", 2 + i % 14) for i in range(layers)
              for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
     path = plot(found, tmp_path / "out" / "spectra.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[-8:-4] == b"IEND"
     import matplotlib.image
+    from PIL import Image
 
-    image = matplotlib.image.imread(path)
-    assert image.shape[0] > 100 and image.shape[1] > 100
+    with Image.open(path) as png:
+        png.verify()  # every chunk's CRC and the zlib stream
+    with Image.open(path) as png:
+        # 11 inches wide, 3.5 inches high or 0.25 inch per layer + 1.5, at 110 dpi
+        assert png.format == "PNG" and png.size == (round(11 * 110), round(height_in * 110))
+    image = matplotlib.image.imread(path)  # (height, width, RGBA) in [0, 1]
+    assert image.shape == (round(height_in * 110), round(11 * 110), 4)
+    colours = torch.from_numpy(image[..., :3].reshape(-1, 3))
+    assert (colours < 0.99).any(-1).float().mean() > 0.05  # something is drawn: not a blank page
+    assert len(torch.unique(colours, dim=0)) > 50  # the heat map's and the curves' colours, not a few flat fills
     assert [p.name for p in path.parent.iterdir()] == ["spectra.png"]  # no temporary file left
 
 
 # ------------------------------------------------------------------------------------------ on a real adapter
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("spectrum") / "base")
-
-
-def _ours(path):
-    return load_quantized(path, compute_dtype="fp32", device="cpu", progress=False)
-
-
-@pytest.fixture(scope="module")
-def source(base, tmp_path_factory):
+def source(tiny_llama, tmp_path_factory):
     """Our model with random A/B (r=8) on every linear, saved: the adapter folder."""
-    model = _ours(base)
+    model = load_ours(tiny_llama)
     apply_lora(model, "all-linear", r=8, alpha=16)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -124,11 +124,11 @@ def source(base, tmp_path_factory):
     found = model_spectra(model)
     assert len(found) == len(lora_modules(model)) and all(s.rank99 > 0 for s in found)
     model.source_folder = save_adapter(model, tmp_path_factory.mktemp("src") / "adapter",
-                                       base_model_name_or_path=str(base))
+                                       base_model_name_or_path=str(tiny_llama))
     return model
 
 
-def test_truncation_error_is_the_discarded_singular_values_and_peft_loads_it(base, source, tmp_path):
+def test_truncation_error_is_the_discarded_singular_values_and_peft_loads_it(tiny_llama, source, tmp_path):
     adapter = read_adapter(source.source_folder)
     errors = write_truncated(adapter, 3, tmp_path / "r3")
     truncated = read_adapter(tmp_path / "r3")
@@ -148,9 +148,9 @@ def test_truncation_error_is_the_discarded_singular_values_and_peft_loads_it(bas
                             errors[name], rel_tol=1e-8)
         assert 0 < errors[name] < 1
 
-    ours = _ours(base)
+    ours = load_ours(tiny_llama)
     load_adapter_into(ours, tmp_path / "r3")
-    ref = PeftModel.from_pretrained(transformers_nf4(base), tmp_path / "r3").eval()
+    ref = PeftModel.from_pretrained(transformers_nf4(tiny_llama), tmp_path / "r3").eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
@@ -165,10 +165,10 @@ def test_truncating_to_the_full_rank_changes_nothing(source):
                                    rtol=1e-4, atol=1e-6)
 
 
-def test_inspect_command(base, source, tmp_path, capsys):
+def test_inspect_command(tiny_llama, source, tmp_path, capsys):
     folder = source.source_folder
-    code = main(["inspect", str(folder), "--base", str(base), "--plot", str(tmp_path / "s.png"), "--device", "cpu",
-                 "--truncate-rank", "2", "--out", str(tmp_path / "r2")])
+    code = main(["inspect", str(folder), "--base", str(tiny_llama), "--plot", str(tmp_path / "s.png"),
+                 "--device", "cpu", "--truncate-rank", "2", "--out", str(tmp_path / "r2")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "|dW|/|W|" in printed and "q_proj" in printed and "down_proj" in printed

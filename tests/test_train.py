@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,23 +20,26 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_state_dict
 from qlora_trainer.loss import CausalLMLoss
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = REPO / "assets" / "tiny-llama"
-DEMO = REPO / "data" / "demo"
+from tests.helpers import ASSET, DEMO, Stop, save_then_die
 
 
-def _small_eval_set() -> Path:
+@pytest.fixture(scope="module")
+def small_eval_set(tmp_path_factory) -> Path:
     """The first 12 held-out rows: evaluation on all 100 would dominate these short runs."""
-    path = Path(tempfile.gettempdir()) / "qlora-trainer-test-eval.jsonl"
-    if not path.exists():
-        path.write_text("\n".join((DEMO / "eval.jsonl").read_text().splitlines()[:12]) + "\n")
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("\n".join((DEMO / "eval.jsonl").read_text().splitlines()[:12]) + "\n")
     return path
 
 
-def _config(out: Path, **train_overrides):
-    flat = {"model.path": str(TINY_MODEL), "model.compute_dtype": "fp32", "data.path": str(DEMO / "train.jsonl"),
-            "data.format": "chat", "data.eval_path": str(_small_eval_set()), "data.max_seq_len": 64,
+@pytest.fixture
+def config(small_eval_set):
+    """config(out, **train_overrides): the run config of these tests (keys without a dot are train.*)."""
+    return lambda out, **overrides: _config(out, small_eval_set, **overrides)
+
+
+def _config(out: Path, eval_path: Path, **train_overrides):
+    flat = {"model.path": str(ASSET), "model.compute_dtype": "fp32", "data.path": str(DEMO / "train.jsonl"),
+            "data.format": "chat", "data.eval_path": str(eval_path), "data.max_seq_len": 64,
             "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.1, "train.optimizer": "adamw", "train.batch_size": 4,
             "train.grad_accum": 2, "train.lr": 2e-3, "train.warmup_steps": 2, "train.schedule": "cosine",
             "train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.log_every": 1, "out": str(out)}
@@ -45,36 +47,27 @@ def _config(out: Path, **train_overrides):
     return build_config(flat)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
-def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch, optimizer):
-    def config(out):
-        return _config(out, max_steps=4, save_every=2, batch_size=2, optimizer=optimizer)
+def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch, config, optimizer):
+    def run_config(out):
+        return config(out, max_steps=4, save_every=2, batch_size=2, optimizer=optimizer)
 
-    straight = train_mod.train(config(tmp_path / "straight"), progress=False, log=lambda *_: None)
+    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
     assert straight.steps == 4
 
     real_save = ckpt.save_checkpoint
-
-    def save_then_die(out, step, *args, **kwargs):
-        path = real_save(out, step, *args, **kwargs)
-        if step == 2:
-            raise _Stop  # the process "dies" right after its step-2 checkpoint
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
-    with pytest.raises(_Stop):
-        train_mod.train(config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
+    # the process "dies" right after its step-2 checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
+    with pytest.raises(Stop):
+        train_mod.train(run_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
     monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / "adapter").exists()
-    resumed_cfg = config(tmp_path / "resumed")
+    resumed_cfg = run_config(tmp_path / "resumed")
     resumed_cfg.resume = True
     logs = []
     train_mod.train(resumed_cfg, progress=False, log=logs.append)
@@ -88,8 +81,8 @@ def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch, opt
     assert steps == [1, 2, 3, 4]  # nothing logged twice, nothing missing
 
 
-def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
-    cfg = _config(tmp_path / "run", max_steps=4, save_every=2, keep_checkpoints=3)
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, config):
+    cfg = config(tmp_path / "run", max_steps=4, save_every=2, keep_checkpoints=3)
     train_mod.train(cfg, progress=False, log=lambda *_: None)
     newest = ckpt.checkpoint_dir(tmp_path / "run", 4)
     blob = bytearray((newest / "adapter_model.safetensors").read_bytes())
@@ -101,11 +94,12 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
     assert "step-000004" in messages[0] and "checksum mismatch" in messages[0]
 
 
-def test_loss_goes_down_and_outputs_land(tmp_path):
+@pytest.mark.slow
+def test_loss_goes_down_and_outputs_land(tmp_path, config):
     """Eight examples seen again and again: the adapter must fit them."""
     rows = (DEMO / "train.jsonl").read_text().splitlines()[:8]
     (tmp_path / "small.jsonl").write_text("\n".join(rows) + "\n")
-    cfg = _config(tmp_path / "run", max_steps=30, eval_every=15, save_every=15, lr=5e-3, grad_accum=1,
+    cfg = config(tmp_path / "run", max_steps=30, eval_every=15, save_every=15, lr=5e-3, grad_accum=1,
                   **{"data.path": str(tmp_path / "small.jsonl"), "data.eval_path": str(tmp_path / "small.jsonl"),
                      "lora.dropout": 0.0})
     result = train_mod.train(cfg, progress=False, log=lambda *_: None)
@@ -122,7 +116,8 @@ def test_loss_goes_down_and_outputs_land(tmp_path):
     assert result.skipped_steps == 0
 
 
-def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, config, monkeypatch):
     real_forward = CausalLMLoss.forward
     calls = {"n": 0}
     poisoned = {3}  # micro-batch calls (2 per step) that return NaN: step 2's first micro-batch
@@ -134,7 +129,7 @@ def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(CausalLMLoss, "forward", forward)
     logs = []
-    result = train_mod.train(_config(tmp_path / "run", max_steps=4, save_every=4), progress=False, log=logs.append)
+    result = train_mod.train(config(tmp_path / "run", max_steps=4, save_every=4), progress=False, log=logs.append)
     assert result.skipped_steps == 1
     assert any("step 2: non-finite" in line for line in logs)
     adapter = _adapter_tensors(tmp_path / "run" / "adapter")
@@ -143,7 +138,7 @@ def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypa
     poisoned.update(range(1, 1000))  # every step from now on
     calls["n"] = 0
     with pytest.raises(UserError, match=r"3 steps in a row had a NaN/inf.*step-000003"):
-        train_mod.train(_config(tmp_path / "run2", max_steps=10, max_bad_steps=3), progress=False,
+        train_mod.train(config(tmp_path / "run2", max_steps=10, max_bad_steps=3), progress=False,
                         log=lambda *_: None)
     saved = _adapter_tensors(ckpt.checkpoint_dir(tmp_path / "run2", 3))
     assert all(torch.isfinite(t).all() for t in saved.values())
@@ -151,8 +146,8 @@ def test_nan_gradient_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypa
 
 @pytest.mark.parametrize("schedule,reference", [("cosine", get_cosine_schedule_with_warmup),
                                                 ("linear", get_linear_schedule_with_warmup)])
-def test_lr_schedule_matches_transformers(schedule, reference, tmp_path):
-    cfg = _config(tmp_path, max_steps=50, warmup_steps=5, schedule=schedule, lr=1e-3).train
+def test_lr_schedule_matches_transformers(schedule, reference, tmp_path, config):
+    cfg = config(tmp_path, max_steps=50, warmup_steps=5, schedule=schedule, lr=1e-3).train
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = reference(opt, num_warmup_steps=5, num_training_steps=50)
     for step in range(50):
@@ -173,19 +168,19 @@ def test_every_epoch_visits_each_example_once():
     assert training.batch_indices(4, n, batch, accum, seed=7) == training.batch_indices(4, n, batch, accum, seed=7)
 
 
-def test_gradient_accumulation_weights_every_token_equally(tmp_path):
+def test_gradient_accumulation_weights_every_token_equally(tmp_path, config):
     """Two micro-batches of different lengths give the gradient of one batch holding both."""
     from accelerate import Accelerator
 
     from qlora_trainer.data import build_datasets, load_tokenizer
 
-    cfg = _config(tmp_path)
+    cfg = config(tmp_path)
     tokenizer = load_tokenizer(cfg.model.path)
     examples, _, _ = build_datasets(cfg.data, tokenizer)
     short, long_ = examples[0], max(examples[:50], key=lambda e: len(e["input_ids"]))
     grads = []
     for micro in ([collate([short], 2), collate([long_], 2)], [collate([short, long_], 2)]):
-        model = load_quantized(TINY_MODEL, compute_dtype="fp32", device="cpu", progress=False)
+        model = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
         torch.manual_seed(0)
         apply_lora(model, "all-linear", r=4, alpha=8)
         for p in lora_state_dict(model).values():
@@ -201,14 +196,14 @@ def test_gradient_accumulation_weights_every_token_equally(tmp_path):
         torch.testing.assert_close(grads[0][i], grads[1][i], rtol=1e-4, atol=1e-7)
 
 
-def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(tmp_path):
+def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(tmp_path, config):
     """Packing must not let one example attend to (or be positioned after) another."""
     from qlora_trainer.data import build_datasets, load_tokenizer, pack
 
-    cfg = _config(tmp_path)
+    cfg = config(tmp_path)
     examples, _, _ = build_datasets(cfg.data, load_tokenizer(cfg.model.path))
     some = examples[:5]
-    model = load_quantized(TINY_MODEL, compute_dtype="fp32", device="cpu", progress=False)
+    model = load_quantized(ASSET, compute_dtype="fp32", device="cpu", progress=False)
     loss_model = CausalLMLoss(model)
     with torch.no_grad():
         packed_sum, packed_n = loss_model(**collate(pack(some, 64), 2))
@@ -217,10 +212,10 @@ def test_packed_batch_gives_the_loss_of_the_same_examples_unpacked(tmp_path):
     torch.testing.assert_close(packed_sum, unpacked_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_output_folder_errors(tmp_path):
+def test_output_folder_errors(tmp_path, config):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        train_mod.train(_config(tmp_path / "file"), progress=False)
+        train_mod.train(config(tmp_path / "file"), progress=False)
     (tmp_path / "old" / "checkpoints" / "step-000001").mkdir(parents=True)
     with pytest.raises(UserError, match="resume=true"):
-        train_mod.train(_config(tmp_path / "old"), progress=False)
+        train_mod.train(config(tmp_path / "old"), progress=False)
