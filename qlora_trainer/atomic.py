@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,9 +71,10 @@ def write_folder(final: Path, write: Callable[[Path], None], expected_bytes: int
     (`expected_bytes`, else at least what was written before the disk filled) and how much is free."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", suffix=f"-{os.getpid()}", dir=final.parent))
+    tmp = _make_temp_folder(final)
     try:
         write(tmp)
+        _plain_modes(tmp)
         for file in tmp.rglob("*"):
             if file.is_file():
                 fsync_path(file)
@@ -90,6 +91,32 @@ def write_folder(final: Path, write: Callable[[Path], None], expected_bytes: int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _make_temp_folder(final: Path) -> Path:
+    """A new empty sibling `.tmp-NAME-RANDOM-PID` of `final`, made by a plain mkdir, so that it (and `final` after
+    the rename) has the mode the user's umask gives a folder; tempfile.mkdtemp would make it 0700."""
+    for _ in range(100):
+        tmp = final.parent / f"{TMP_PREFIX}{final.name}-{secrets.token_hex(4)}-{os.getpid()}"
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no unused temporary folder name", str(final.parent))
+
+
+def _plain_modes(tmp: Path) -> None:
+    """Give everything under `tmp` the mode a plain mkdir/open gives under the umask (read off `tmp` itself, made
+    by mkdir): a file copied with its source's mode (shutil.copy2, a read-only hub cache) gets it too."""
+    folder_mode = tmp.stat().st_mode & 0o777
+    file_mode = folder_mode & 0o666
+    for path in tmp.rglob("*"):
+        if path.is_symlink():
+            continue
+        wanted = folder_mode if path.is_dir() else file_mode
+        if path.stat().st_mode & 0o777 != wanted:
+            os.chmod(path, wanted)
 
 
 def _folder_bytes(folder: Path) -> int:
