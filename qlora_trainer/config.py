@@ -343,20 +343,55 @@ def build_config(flat: dict[str, object], where: str = "the config") -> RunConfi
         raise UserError(f"{where}: {err.message}") from err
 
 
+# Keys that hold a path, and those of them that may instead name a hub id already in the local cache.
+PATH_KEYS = ("model.path", "data.path", "data.eval_path", "out")
+HUB_ID_KEYS = ("model.path", "data.path", "data.eval_path")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """`org/name`: one slash, both parts non-empty, not starting with / . or ~."""
+    org, _, name = text.partition("/")
+    return text.count("/") == 1 and bool(org) and bool(name) and not text.startswith(("/", ".", "~"))
+
+
+def _may_be_hub_id(key: str, text: str) -> bool:
+    # A data file name with an extension is a file to data.load_rows (`data/train.jsonl`), never a dataset id.
+    return looks_like_hub_id(text) and (key == "model.path" or not os.path.splitext(text)[1])
+
+
+def resolve_path(key: str, value, base_dir: str | os.PathLike):
+    """The value of path key `key` made absolute against `base_dir` (`~` expanded). A value that names nothing
+    there but looks like a hub id (org/name) stays as given; non-strings and absolute paths stay as they are."""
+    if key not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    candidate = os.path.abspath(os.path.join(base_dir, expanded))
+    if key in HUB_ID_KEYS and not os.path.exists(candidate) and _may_be_hub_id(key, value):
+        return value
+    return candidate
+
+
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """YAML file + dotted `key=value` overrides -> a validated RunConfig (UserError naming file, key and fix)."""
-    flat = _flatten(_read_yaml(path), path)
+    """YAML file + dotted `key=value` overrides -> a validated RunConfig (UserError naming file, key and fix).
+
+    Paths (model.path, data.path, data.eval_path, out) come back absolute: those in the file resolve against the
+    file's folder, those in overrides against the current directory; a hub id (org/name) that is not a path
+    there stays as given."""
+    config_dir = os.path.dirname(os.path.abspath(path))
+    flat = {key: resolve_path(key, value, config_dir) for key, value in _flatten(_read_yaml(path), path).items()}
     from_override = set()
     for text in overrides:
         key, value = parse_override(text)
         if key in SECTIONS and isinstance(value, dict):  # model={path: x} is allowed too
             for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
+                flat[f"{key}.{sub}"] = resolve_path(f"{key}.{sub}", v, os.getcwd())
                 from_override.add(f"{key}.{sub}")
             continue
         if key not in valid_keys():
             raise _unknown_key(key, f"override '{text}'")
-        flat[key] = value
+        flat[key] = resolve_path(key, value, os.getcwd())
         from_override.add(key)
     try:
         return build_config(flat, where=path)
@@ -372,9 +407,15 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the fully resolved config (defaults + file + overrides) as YAML, atomically; load_config reads it back
-    to an equal RunConfig."""
-    atomic.write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False))
+    """Write the fully resolved config (defaults + file + overrides) as YAML, atomically, with absolute paths (a
+    relative one is taken against the current directory), so that load_config reads it back to an equal RunConfig
+    from any directory."""
+    tree = config_to_dict(cfg)
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        holder = tree[section] if section else tree
+        holder[name] = resolve_path(key, holder[name], os.getcwd())
+    atomic.write_text(Path(path), yaml.safe_dump(tree, sort_keys=False, default_flow_style=False))
 
 
 def recorded_compute_dtype(run_dir: Path) -> str | None:

@@ -56,12 +56,7 @@ def measure(model, tokenizer, cfg, eval_rows, eval_examples) -> tuple[float, flo
 
 
 def main(overrides: list[str]) -> int:
-    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), overrides)
-    if not Path(cfg.out).is_absolute():
-        cfg.out = str(REPO / cfg.out)
-    for section, key in ((cfg.model, "path"), (cfg.data, "path"), (cfg.data, "eval_path")):
-        if getattr(section, key) and not Path(getattr(section, key)).is_absolute():
-            setattr(section, key, str(REPO / getattr(section, key)))  # configs/tiny.yaml paths are repo-relative
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), overrides)  # its paths resolve against configs/
     cfg.resume = cfg.resume or (Path(cfg.out) / "checkpoints").is_dir()
     tokenizer = load_tokenizer(cfg.model.path)
     eval_rows = [json.loads(line) for line in Path(cfg.data.eval_path).read_text().splitlines() if line.strip()]

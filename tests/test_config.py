@@ -1,9 +1,14 @@
 """Config: YAML + dotted overrides with types, every rejection (unknown key with a suggestion, wrong type,
-impossible value, missing key, malformed YAML, bad override), the save/load round trip, and configs/*.yaml."""
+impossible value, missing key, malformed YAML, bad override), the save/load round trip, configs/*.yaml, and where
+relative paths resolve (the file's folder; the current folder for overrides; a cached hub id stays as given)."""
+
+import shutil
 
 import pytest
+import yaml
 
-from qlora_trainer.config import RunConfig, load_config, save_config
+from qlora_trainer.cli import main
+from qlora_trainer.config import RunConfig, build_config, load_config, save_config
 from qlora_trainer.errors import UserError
 from tests.helpers import REPO
 MINIMAL = "model:\n  path: /models/m\ndata:\n  path: data/train.jsonl\nout: runs/x\n"
@@ -24,7 +29,7 @@ def error(path, overrides=()):
     return str(err.value)
 
 
-def test_defaults_match_the_design(cfg_file):
+def test_defaults_match_the_design(cfg_file, tmp_path):
     cfg = load_config(cfg_file(), [])
     assert (cfg.model.path, cfg.model.compute_dtype, cfg.model.task) == ("/models/m", "auto", "causal_lm")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (16, 32.0, 0.05, "all-linear")
@@ -34,28 +39,30 @@ def test_defaults_match_the_design(cfg_file):
     assert (t.max_steps, t.batch_size, t.grad_accum, t.lr, t.warmup_steps, t.schedule, t.optimizer) == (
         1000, 1, 16, 2e-4, 10, "cosine", "paged_adamw_8bit")
     assert (t.save_every, t.eval_every, t.log_every, t.seed, t.max_grad_norm) == (100, 100, 10, 0, 0.3)
-    assert cfg.out == "runs/x" and cfg.resume is False
+    assert cfg.out == str(tmp_path / "runs" / "x") and cfg.resume is False  # relative: against the file's folder
 
 
-def test_overrides_parse_with_yaml_rules_and_field_types(cfg_file):
+def test_overrides_parse_with_yaml_rules_and_field_types(cfg_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(cfg_file(), ["lora.r=32", "data.packing=true", "lora.targets=[q_proj,v_proj]", "out=runs/y",
                                    "train.lr=3e-4", "lora.alpha=8", "data.eval_path=data/e.jsonl",
                                    "train.max_grad_norm=1", "resume=true", "data.eval_fraction=0"])
     assert cfg.lora.r == 32 and type(cfg.lora.r) is int
     assert cfg.data.packing is True
     assert cfg.lora.targets == ["q_proj", "v_proj"]
-    assert cfg.out == "runs/y" and cfg.resume is True
+    assert cfg.out == str(tmp_path / "runs" / "y") and cfg.resume is True  # overrides: against the current folder
     assert cfg.train.lr == 3e-4  # YAML reads 3e-4 (no dot) as a string; a float field accepts it
     assert cfg.lora.alpha == 8.0 and type(cfg.lora.alpha) is float
     assert cfg.train.max_grad_norm == 1.0 and type(cfg.train.max_grad_norm) is float
-    assert cfg.data.eval_path == "data/e.jsonl" and cfg.data.eval_fraction == 0.0
+    assert cfg.data.eval_path == str(tmp_path / "data" / "e.jsonl") and cfg.data.eval_fraction == 0.0
     assert load_config(cfg_file(), ["data.eval_path=null"]).data.eval_path is None
 
 
-def test_overrides_beat_the_file_and_can_fill_a_missing_section(cfg_file):
+def test_overrides_beat_the_file_and_can_fill_a_missing_section(cfg_file, tmp_path, monkeypatch):
     path = cfg_file("model: {path: a}\nlora: {r: 4}\nout: o\n")
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(path, ["lora.r=8", "data.path=d.jsonl", "model.path=b"])
-    assert (cfg.lora.r, cfg.data.path, cfg.model.path) == (8, "d.jsonl", "b")
+    assert (cfg.lora.r, cfg.data.path, cfg.model.path) == (8, str(tmp_path / "d.jsonl"), str(tmp_path / "b"))
 
 
 def test_round_trip_through_save_config(cfg_file, tmp_path):
@@ -184,6 +191,112 @@ def test_real_configs_use_the_qlora_paper_hyperparameters(name, lr, dropout):
 def test_tiny_config_is_the_cpu_demo():
     cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [])
     assert (cfg.model.path, cfg.model.compute_dtype, cfg.data.format, cfg.train.optimizer) == (
-        "assets/tiny-llama", "fp32", "chat", "adamw")
+        str(REPO / "assets" / "tiny-llama"), "fp32", "chat", "adamw")
     assert (cfg.data.path, cfg.data.eval_path, cfg.out) == (
-        "data/demo/train.jsonl", "data/demo/eval.jsonl", "runs/tiny")
+        str(REPO / "data/demo/train.jsonl"), str(REPO / "data/demo/eval.jsonl"), str(REPO / "runs" / "tiny"))
+
+
+# ------------------------------------------------------------------------------------ where paths resolve
+
+def _project(tmp_path):
+    """tmp/proj/configs/run.yaml naming ../models/m, ../data/*.jsonl and ../runs/x; the current folder elsewhere."""
+    proj = tmp_path / "proj"
+    (proj / "configs").mkdir(parents=True)
+    (proj / "models" / "m").mkdir(parents=True)
+    config = proj / "configs" / "run.yaml"
+    config.write_text("model: {path: ../models/m}\n"
+                      "data: {path: ../data/train.jsonl, eval_path: ../data/eval.jsonl}\nout: ../runs/x\n")
+    return proj, config
+
+
+def test_relative_paths_in_the_file_resolve_against_its_folder(tmp_path, monkeypatch):
+    proj, config = _project(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(str(config))
+    assert (cfg.model.path, cfg.data.path, cfg.data.eval_path, cfg.out) == (
+        str(proj / "models" / "m"), str(proj / "data" / "train.jsonl"), str(proj / "data" / "eval.jsonl"),
+        str(proj / "runs" / "x"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_config(str(config), ["out=~/runs/y"]).out == str(tmp_path / "home" / "runs" / "y")
+
+
+def test_overrides_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    proj, config = _project(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(str(config), ["out=runs/y", "data.path=my.jsonl", "model={path: ../m}", "data.eval_path=null"])
+    assert (cfg.model.path, cfg.data.path, cfg.data.eval_path, cfg.out) == (
+        str(tmp_path / "m"), str(work / "my.jsonl"), None, str(work / "runs" / "y"))
+
+
+def test_a_hub_id_stays_unless_a_path_of_that_name_is_there(tmp_path, monkeypatch):
+    config = tmp_path / "configs" / "run.yaml"
+    config.parent.mkdir()
+    config.write_text("model: {path: org/name}\ndata: {path: org/dataset, eval_path: data/eval.jsonl}\nout: runs/x\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(config), ["data.eval_path=org/evalset"])
+    assert (cfg.model.path, cfg.data.path, cfg.data.eval_path) == ("org/name", "org/dataset", "org/evalset")
+    # a data file name (with an extension) is a file, never a dataset id; ./org/name is a path
+    cfg = load_config(str(config), ["model.path=./org/name"])
+    assert cfg.data.eval_path == str(config.parent / "data" / "eval.jsonl")
+    assert cfg.model.path == str(tmp_path / "org" / "name")
+    (config.parent / "org" / "name").mkdir(parents=True)  # now the file's folder holds a folder of that name
+    assert load_config(str(config)).model.path == str(config.parent / "org" / "name")
+
+
+def test_saved_config_has_absolute_paths_and_repeats_the_run_from_anywhere(tmp_path, monkeypatch):
+    proj, config = _project(tmp_path)
+    monkeypatch.chdir(proj)
+    cfg = load_config(str(config), ["data.eval_path=other/eval.jsonl", "model.path=org/name"])
+    save_config(cfg, proj / "runs" / "x" / "config.yaml")
+    saved = yaml.safe_load((proj / "runs" / "x" / "config.yaml").read_text())
+    assert (saved["model"]["path"], saved["data"]["path"], saved["data"]["eval_path"], saved["out"]) == (
+        "org/name", str(proj / "data" / "train.jsonl"), str(proj / "other" / "eval.jsonl"), str(proj / "runs" / "x"))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(str(proj / "runs" / "x" / "config.yaml")) == cfg
+    # a config built in Python with relative paths (relative to the current folder) is saved absolute too
+    built = build_config({"model.path": "m", "data.path": "d.jsonl", "out": "o"})
+    save_config(built, tmp_path / "built.yaml")
+    assert yaml.safe_load((tmp_path / "built.yaml").read_text())["out"] == str(tmp_path / "o")
+
+
+def test_shipped_config_runs_from_another_folder(tmp_path, monkeypatch, capsys):
+    """`cd /tmp && qlora-trainer data /abs/configs/tiny-sentiment.yaml`: the bundled model and data are found."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", str(REPO / "configs" / "tiny-sentiment.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"data: {REPO / 'data' / 'sentiment' / 'train.jsonl'} (format classification" in out
+    assert "labels: 0=negative, 1=neutral, 2=positive" in out
+
+
+def _fake_hub_cache(root, repo_id, files_from):
+    """A Hugging Face hub cache holding `repo_id` at one snapshot (files copied from the folder `files_from`)."""
+    org, name = repo_id.split("/")
+    repo = root / f"models--{org}--{name}"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(files_from, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    return root
+
+
+def test_model_path_org_name_loads_from_the_local_hub_cache(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from qlora_trainer.loading import load_quantized
+
+    cache = _fake_hub_cache(tmp_path / "hub", "org/tiny", REPO / "assets" / "tiny-llama")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {path: org/tiny, task: classification}\n"
+                      f"data: {{path: {REPO / 'data' / 'sentiment' / 'eval.jsonl'}, format: classification}}\n"
+                      "out: run\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(config))
+    assert cfg.model.path == "org/tiny"
+    assert main(["data", str(config)]) == 0  # the tokenizer comes from the cache
+    assert "labels: 0=negative" in capsys.readouterr().out
+    model = load_quantized(cfg.model.path, device="cpu", progress=False)
+    assert model.config.num_hidden_layers == 4
