@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from qlora_trainer.config import looks_like_hub_id
 from qlora_trainer.errors import UserError
 from qlora_trainer.names import MODEL_CONFIG_FILE, MODEL_INDEX_FILE, MODEL_WEIGHTS_FILE
 
@@ -61,15 +62,33 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         return local
     if local.exists():
         raise UserError(f"{local}: is a file, not a model folder (config.json + *.safetensors)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(snapshot_download(str(path), local_files_only=True))
     except Exception:  # not a valid repo id, or not in the cache: both mean "no such model here"
+        if not looks_like_hub_id(str(path)):
+            raise UserError(f"{path}: no such folder: point model.path/--base at a local model folder "
+                            "(config.json + *.safetensors) or at a hub id (org/name) in the local Hugging Face "
+                            "cache") from None
         raise UserError(
-            f"{path}: no such folder, and not a model in the local Hugging Face cache "
-            "(nothing is downloaded at run time: download it first, e.g. `huggingface-cli download ...`)"
+            f"{path}: no such folder, and not a model in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"nothing is downloaded at run time: download it first with `{download_command(str(path))}`"
         ) from None
+
+
+def download_command(repo_id: str) -> str:
+    """The command line that puts `repo_id` into the local cache with the installed huggingface_hub: `hf download`
+    (huggingface_hub >= 1.0 has only `hf`), or `huggingface-cli download` where only that one is installed."""
+    from importlib import metadata
+
+    try:
+        scripts = {ep.name for ep in metadata.distribution("huggingface_hub").entry_points
+                   if ep.group == "console_scripts"}
+    except metadata.PackageNotFoundError:
+        scripts = set()
+    tool = "huggingface-cli" if "huggingface-cli" in scripts and "hf" not in scripts else "hf"
+    return f"{tool} download {repo_id}"
 
 
 def read_raw_config(model_dir: Path) -> dict:

@@ -251,6 +251,32 @@ def test_folder_errors(tiny_llama, tmp_path):
         load_quantized(path, device="cpu")
 
 
+def test_missing_hub_model_names_the_download_command_the_installed_hub_provides(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    installed = {ep.name for ep in importlib.metadata.distribution("huggingface_hub").entry_points}
+    assert "hf" in installed and "huggingface-cli" not in installed  # huggingface_hub >= 1.0, as pinned here
+    with pytest.raises(UserError) as err:
+        load_quantized("org/missing", device="cpu")
+    message = str(err.value)
+    assert "not a model in the local Hugging Face cache" in message and str(tmp_path / "hub") in message
+    assert "nothing is downloaded at run time" in message and "`hf download org/missing`" in message
+    assert "huggingface-cli" not in message
+
+    class OldHub:  # huggingface_hub < 0.34 shipped only huggingface-cli
+        entry_points = [importlib.metadata.EntryPoint("huggingface-cli", "x:main", "console_scripts")]
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: OldHub)
+    with pytest.raises(UserError, match="`huggingface-cli download org/missing`"):
+        load_quantized("org/missing", device="cpu")
+    with pytest.raises(UserError) as err:  # not a hub id: no download advice
+        load_quantized(tmp_path / "no" / "such" / "model", device="cpu")
+    assert "no such folder" in str(err.value) and "download" not in str(err.value)
+
+
 def test_unsupported_architecture_and_remote_code(tiny_llama, tmp_path):
     path = _copy_model(tiny_llama, tmp_path / "m")
     config = json.loads((path / "config.json").read_text())
