@@ -23,3 +23,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert tests.strip() == ci_command
     assert "pytest" in tests and "scripts/demo.py" in demo
     assert (REPO / "scripts" / "demo.py").is_file()
+
+
+def test_readme_says_where_models_come_from_and_where_paths_resolve():
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "Nothing is downloaded at run time" in readme and "local Hugging Face cache" in readme
+    assert "`hf download`" in readme and "huggingface-cli" not in readme  # huggingface_hub >= 1.0 has only `hf`
+    assert "model: path: meta-llama/Meta-Llama-3-8B # org/name: read from the local cache" in readme
+    assert "Relative paths in a config file (`model.path`, `data.path`, `data.eval_path`, `out`) are relative to " \
+           "the config file's folder" in readme
+    assert "relative paths in `key=value` overrides are relative to the current folder" in readme
+    assert "`OUT/config.yaml` with absolute paths" in readme
