@@ -18,12 +18,31 @@ COMMANDS = {"train": train, "data": data, "summary": summary, "merge": merge, "g
             "inspect": inspect, "classify": classify, "estimate": estimate}
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. With `intermixed` (a command module's INTERMIXED = True) options and positionals may come
+    in any order (`train CONFIG --resume out=x`): argparse's parse_known_intermixed_args, which the top-level parser
+    cannot use itself because it has subcommands, runs when the top-level parser hands the command its arguments."""
+
+    intermixed = False
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed or self._parsing:  # parse_known_intermixed_args calls back here (Python < 3.12)
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-trainer", description="QLoRA fine-tuning on one GPU.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.HELP, description=getattr(command, "DESCRIPTION", None))
+        p.intermixed = getattr(command, "INTERMIXED", False)
         command.add_arguments(p)
         p.set_defaults(run=command.run, flags=getattr(command, "FLAGS", {}))
     return parser

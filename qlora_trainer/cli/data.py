@@ -7,6 +7,7 @@ import argparse
 from qlora_trainer.cli.options import add_config_arguments
 
 HELP = "show how CONFIG's dataset is rendered, masked and how long it is"
+INTERMIXED = True  # flags and key=value overrides in any order
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

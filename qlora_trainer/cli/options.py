@@ -17,4 +17,5 @@ def add_compute_options(p: argparse.ArgumentParser) -> None:
 def add_config_arguments(p: argparse.ArgumentParser, example: str) -> None:
     """CONFIG.yaml and its dotted key=value overrides."""
     p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    # default=[]: an empty list is not "missing" (parse_intermixed_args would call the positional required)
+    p.add_argument("overrides", nargs="*", default=[], help=f"dotted overrides, e.g. {example}")

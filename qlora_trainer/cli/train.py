@@ -9,6 +9,7 @@ import sys
 from qlora_trainer.cli.options import add_config_arguments
 
 HELP = "fine-tune: CONFIG.yaml [key=value ...] -> OUT/adapter, checkpoints, metrics"
+INTERMIXED = True  # flags and key=value overrides in any order
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
