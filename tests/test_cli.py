@@ -1,4 +1,4 @@
-"""The command line's parsing: flags and key=value overrides in any order."""
+"""The command line's parsing: flags and key=value overrides in any order, and help text as argparse renders it."""
 
 from __future__ import annotations
 
@@ -61,3 +61,14 @@ def test_unknown_flags_and_a_missing_config_are_still_refused(capsys):
         cli.main(["train", "--resume"])
     assert "the following arguments are required: config\n" in capsys.readouterr().err  # not "config, overrides"
 
+
+@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
+def test_help_renders_percent_signs_once(capsys, command):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["--help"] if command is None else [command, "--help"])
+    assert err.value.code == 0
+    text = capsys.readouterr().out
+    assert "%%" not in text and "%(" not in text
+    if command == "inspect":
+        flat = " ".join(text.split())
+        assert "the ranks holding 90%/99% of the energy" in flat and "by the 90%-energy rank" in flat

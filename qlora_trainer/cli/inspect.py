@@ -7,8 +7,9 @@ import argparse
 from qlora_trainer.errors import UserError
 
 HELP = "what the adapter learned: the spectrum of every LoRA update; rank truncation"
+# argparse %-formats help= strings (so they write %%) but not a description without %(prog)s (so it writes %).
 DESCRIPTION = ("Singular values of each module's update scale * B @ A (from QRs of B and A.T and an r x r SVD), the "
-               "ranks holding 90%%/99%% of the energy, a verdict on the rank, and optionally a plot or a rank-K "
+               "ranks holding 90%/99% of the energy, a verdict on the rank, and optionally a plot or a rank-K "
                "truncated adapter.")
 FLAGS = {"adapter": "ADAPTER"}  # the adapter folder is the positional argument here
 
