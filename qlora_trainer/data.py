@@ -76,8 +76,10 @@ class DataStats:
         lines = [f"rows read: {self.rows}; train examples: {self.train_examples}; eval examples: {self.eval_examples}"]
         if self.lengths:
             lens = self.lengths
+            # A classifier trains on one label per example, not on tokens: its count is the train examples above.
+            trained = f"; trained tokens: {self.trained_tokens}" if self.label_names is None else ""
             lines.append(f"train tokens per example: min {min(lens)}, mean {statistics.fmean(lens):.1f}, "
-                         f"median {statistics.median(lens):g}, max {max(lens)}; trained tokens: {self.trained_tokens}")
+                         f"median {statistics.median(lens):g}, max {max(lens)}{trained}")
         lines.append(f"truncated to max_seq_len: {self.truncated}; dropped (nothing left to train on): {self.dropped}")
         if self.packed_rows is not None:
             lines.append(f"packed into {self.packed_rows} rows")

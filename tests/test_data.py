@@ -382,6 +382,17 @@ def test_preview_marks_trained_tokens_and_reports_statistics(tmp_path, tok):
     assert "truncated to max_seq_len: 1; dropped (nothing left to train on): 0" in text
 
 
+def test_classification_statistics_count_labelled_examples_not_trained_tokens(tmp_path, tok):
+    rows = [{"text": "the cat sat", "label": "pos"}, {"text": "the dog", "label": "neg"},
+            {"text": "ok ok ok", "label": "pos"}]
+    text = preview(DataConfig(path=write_jsonl(tmp_path / "c.jsonl", rows), format="classification",
+                              eval_fraction=0), tok).split("--- statistics ---\n")[1]
+    assert "trained tokens" not in text  # was "trained tokens: 0": a classifier trains on labels
+    assert "train tokens per example: min 3, mean 3.7, median 4, max 4\n" in text
+    assert "rows read: 3; train examples: 3; eval examples: 0" in text
+    assert "labels: 0=neg, 1=pos" in text
+
+
 def test_run_data_command_prints_the_preview(tmp_path, tok, capsys):
     tok.save_pretrained(tmp_path / "model")
     data = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
