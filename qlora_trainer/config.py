@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -20,6 +21,7 @@ from qlora_trainer.names import (ALL_LINEAR, CAUSAL_LM, CLASSIFICATION, COMPUTE_
 from qlora_trainer.errors import UserError
 
 REQUIRED_KEYS = ("model.path", "data.path", "out")
+DEFAULT_MAX_STEPS = 1000
 
 
 class ConfigError(UserError):
@@ -171,7 +173,8 @@ class DataConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
-    max_steps: int = 1000
+    max_steps: typing.Optional[int] = None  # DEFAULT_MAX_STEPS unless epochs is set; never both
+    epochs: typing.Optional[float] = None  # passes over the training examples (after packing): sets the steps
     batch_size: int = 1
     grad_accum: int = 16
     lr: float = 2e-4
@@ -191,8 +194,18 @@ class TrainConfig(_Section):
     _section = "train"
 
     def _check(self):
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("train.epochs", f"train.max_steps ({self.max_steps}) and train.epochs ({self.epochs:g}) "
+                                              f"are both set: set one, e.g. train.max_steps=null train.epochs="
+                                              f"{self.epochs:g}")
+        if self.epochs is not None:
+            self._need("epochs", self.epochs > 0 and math.isfinite(self.epochs), "a positive number", 1)
+        elif self.max_steps is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "eval_every", "log_every",
                      "keep_checkpoints", "loss_chunk_size", "max_bad_steps"):
+            if name == "max_steps" and self.max_steps is None:
+                continue  # derived from epochs when the data is known (train.Run)
             self._need(name, getattr(self, name) >= 1, "at least 1", {"loss_chunk_size": 1024}.get(name, 1))
         self._need("lr", self.lr > 0, "positive", 2.0e-4)
         self._need("warmup_steps", self.warmup_steps >= 0, "0 or more", 10)

@@ -124,10 +124,10 @@ def _normalized(sigma: torch.Tensor, r: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ base norms
 
 def attach_base_norms(found: list[ModuleSpectrum], adapter: Adapter, base: str | os.PathLike, *,
-                      device: str | None = None) -> None:
+                      device: str | None = None, progress: bool = False) -> None:
     """Set base_norm = ||W||_F of each module's dequantized NF4 base weight (the weight training saw)."""
     task = tasks.for_adapter(adapter)  # a classifier's head is checked against a classifier's
-    model = load_quantized(base, compute_dtype=adapter.compute_dtype, device=device, progress=False,
+    model = load_quantized(base, compute_dtype=adapter.compute_dtype, device=device, progress=progress,
                            **task.model_kwargs(adapter=adapter))
     validate(model, adapter.path)
     for s in found:

@@ -7,10 +7,16 @@
 A run stopped after N steps and resumed is bitwise identical to one that never stopped (CPU, fp32; see
 tests/test_train.py): the data order and the learning rate are functions of the step (training.py), and the adapter,
 optimizer state and RNG states are saved together (checkpoint.py).
+
+A run given a StopRequest (cli/train.py wires one to SIGINT and SIGTERM) stops at the next step boundary when asked:
+it writes a checkpoint and the adapter, then raises Interrupted, which says how to go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +35,12 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict, trainable_parameter_summary
 from qlora_trainer.names import ADAPTER_DIR, CHECKPOINTS_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
+from qlora_trainer.progress import bars, phase, training_line
 from qlora_trainer.quant import make_optimizer
 from qlora_trainer.spectrum import model_spectra, verdict
-from qlora_trainer.training import (append_metric, batch_indices, count_tokens, enable_checkpointing, lr_at, memory_gb,
-                                    plot_losses, read_metrics, set_seed, to_device, train_step, write_metrics)
+from qlora_trainer.training import (append_metric, batch_indices, count_tokens, enable_checkpointing, epoch_examples,
+                                    lr_at, memory_gb, plot_losses, read_metrics, set_seed, steps_for, to_device,
+                                    train_step, write_metrics)
 
 SPIKE_FACTOR = 3.0  # a loss this many times the recent average is reported as a spike
 SPIKE_WINDOW = 20  # steps in that average
@@ -49,6 +57,12 @@ class TrainResult:
     eval_metrics: dict = field(default_factory=dict)  # the last eval: eval_loss (+ eval_accuracy, eval_f1)
     trainable_params: int = 0  # counted as PEFT counts them (a 4-bit weight: two parameters per byte)
     total_params: int = 0
+    resumed_from: int = 0  # the checkpoint's step when resumed (== steps: the run was already complete)
+
+    @property
+    def already_complete(self) -> bool:
+        """A resumed run whose checkpoint was its last step: nothing was trained this time."""
+        return self.resumed_from >= self.steps > 0
 
     @property
     def adapter(self) -> Path:
@@ -61,6 +75,40 @@ class TrainResult:
     @property
     def plot(self) -> Path:
         return self.out / LOSS_PLOT_FILE
+
+
+class StopRequest:
+    """Asks a Run to stop after the step in progress. It is a signal handler: cli/train.py installs it for SIGINT and
+    SIGTERM. The first signal during training asks; a second one, or one before training started (loading, nothing
+    to save yet), raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.training = False  # set by Run.fit while its loop runs
+
+    def __call__(self, signum: int, frame=None) -> None:
+        if self.signum is not None or not self.training:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class Interrupted(Exception):
+    """A run stopped by a StopRequest after `step` steps, its work saved in `checkpoint` (None: no step to save)."""
+
+    def __init__(self, out: Path, step: int, max_steps: int, signum: int, checkpoint: Path | None):
+        self.out, self.step, self.max_steps, self.signum, self.checkpoint = out, step, max_steps, signum, checkpoint
+        super().__init__(f"{self.signal_name} after step {step} of {max_steps}")
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
 
 
 def check_output_folder(cfg: RunConfig) -> Path:
@@ -76,12 +124,15 @@ def check_output_folder(cfg: RunConfig) -> Path:
     return out
 
 
-def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
-    """Fine-tune as `cfg` says into cfg.out, which this run holds locked (see lock.py) until it returns."""
+def train(cfg: RunConfig, *, progress: bool | None = None, log=print, stop: StopRequest | None = None) -> TrainResult:
+    """Fine-tune as `cfg` says into cfg.out, which this run holds locked (see lock.py) until it returns.
+
+    progress: tqdm bars (True) or plain lines through `log` every train.log_every steps (False); None: the rule of
+    progress.bars(). stop: see StopRequest; a stopped run raises Interrupted once its work is saved."""
     out = check_output_folder(cfg)
     with lock.RunLock(out) as run_lock:
         try:
-            run = Run(cfg, progress=progress, log=log)
+            run = Run(cfg, progress=progress, log=log, stop=stop)
             run.setup(run_lock)
             return run.fit()
         except OSError as err:
@@ -91,48 +142,78 @@ def train(cfg: RunConfig, *, progress: bool = True, log=print) -> TrainResult:
 
 
 class Run:
-    """One training run of a RunConfig. setup() runs the named steps (_load_data, _load_model, _make_optimizer,
-    _resume); fit() runs step() per optimizer step with evaluation, logging and checkpoints, then finish()."""
+    """One training run of a RunConfig. setup() runs the named steps (_load_data, _plan_steps, _load_model,
+    _make_optimizer, _resume); fit() runs step() per optimizer step with evaluation, logging and checkpoints, then
+    finish(). self.train_cfg is cfg.train with max_steps resolved (from train.epochs when that is set)."""
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True, log=print):
-        self.cfg, self.out, self.progress, self.log = cfg, Path(cfg.out), progress, log
+    def __init__(self, cfg: RunConfig, *, progress: bool | None = None, log=print, stop: StopRequest | None = None):
+        self.cfg, self.out, self.log, self.stop = cfg, Path(cfg.out), log, stop
+        self.progress = bars() if progress is None else progress
         self.task = tasks.get(cfg.model.task)
-        self.start_step = self.skipped = 0
+        self.start_step = self.skipped = self.last_saved = 0
         self.history: list[dict] = []
         self.eval_metrics: dict = {}
         self.loss = float("nan")
+        self.stream_end: int | None = None  # a train.epochs run: where its data stream ends (training.batch_indices)
         self.window_tokens, self.window_start = 0, time.perf_counter()  # tokens/s over the steps since the last log
+        self.fit_start = time.perf_counter()
+
+    @property
+    def max_steps(self) -> int:
+        return self.train_cfg.max_steps
 
     # ------------------------------------------------------------------ setup
     def setup(self, run_lock: lock.RunLock | None = None) -> Run:
         self._load_data()
+        self._plan_steps()
         self._load_model()
         self._make_optimizer()
         if run_lock is not None:
             run_lock.acquire()  # creates `out`; refuses if another run holds it
-        save_config(self.cfg, self.out / RUN_CONFIG_FILE)
         if self.cfg.resume:
-            self._resume()
+            self._resume()  # before config.yaml: a refused resume leaves the run's files as they were
+        save_config(self.cfg, self.out / RUN_CONFIG_FILE)
         self.history = read_metrics(self.out, up_to=self.start_step)
         write_metrics(self.out, self.history)
+        if self.start_step:
+            self._restore_last_metrics()
         return self
 
     def _load_data(self) -> None:
         cfg = self.cfg
         self.base = resolve_base(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         self.tokenizer = load_tokenizer(self.base)
-        self.train_examples, self.eval_examples, self.stats = build_datasets(cfg.data, self.tokenizer, cfg.train.seed,
-                                                                             cfg.model.num_labels)
+        with phase(f"tokenizing {cfg.data.path}", self.log) as tokenizing:
+            self.train_examples, self.eval_examples, self.stats = build_datasets(cfg.data, self.tokenizer,
+                                                                                 cfg.train.seed, cfg.model.num_labels)
+            tokenizing["detail"] = f"{self.stats.rows} rows"
         self.labels = self.task.head_labels(cfg.model.num_labels, self.stats)
         self.pad_id = pad_token_id(self.tokenizer)
         self.log(self.stats.summary())
+
+    def _plan_steps(self) -> None:
+        """train_cfg: train.max_steps as given, or train.epochs passes over the training examples (after packing),
+        batch_size * grad_accum a step, the last step short if they do not divide evenly. The lr schedule and the
+        data order read it; config.yaml keeps what the user set (epochs), so a rerun plans the same steps."""
+        train_cfg = self.cfg.train
+        if train_cfg.epochs is None:
+            self.train_cfg, self.stream_end = train_cfg, None
+            return
+        n = len(self.train_examples)
+        self.stream_end = epoch_examples(train_cfg.epochs, n)
+        steps = steps_for(self.stream_end, train_cfg.batch_size, train_cfg.grad_accum)
+        self.train_cfg = dataclasses.replace(train_cfg, epochs=None, max_steps=steps)
+        self.log(f"train.epochs={train_cfg.epochs:g}: {self.stream_end} examples ({n} a pass), "
+                 f"{train_cfg.batch_size * train_cfg.grad_accum} a step: {steps} steps")
 
     def _load_model(self) -> None:
         cfg = self.cfg
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         set_seed(cfg.train.seed)
-        self.model = load_quantized(self.base, compute_dtype=cfg.model.compute_dtype, device=self.accelerator.device,
-                                    progress=self.progress, **self.task.model_kwargs(labels=self.labels))
+        with phase(f"loading the model {self.base.name}", self.log):
+            self.model = load_quantized(self.base, compute_dtype=cfg.model.compute_dtype,
+                                        device=self.accelerator.device, progress=self.progress,
+                                        **self.task.model_kwargs(labels=self.labels))
         self._apply_lora()
         full = self.task.prepare_model(self.model, self.labels, self.pad_id)  # a head: fp32, trained in full
         self.trainable_params, self.total_params, line = trainable_parameter_summary(self.model)
@@ -148,7 +229,7 @@ class Run:
                    use_rslora=lora.use_rslora)
 
     def _make_optimizer(self) -> None:
-        train_cfg = self.cfg.train
+        train_cfg = self.train_cfg
         optimizer = make_optimizer(train_cfg.optimizer, self.params, train_cfg.lr, train_cfg.weight_decay)
         objective = self.task.loss_module(self.model, train_cfg.loss_chunk_size)
         self.loss_model, self.optimizer = self.accelerator.prepare(objective, optimizer)
@@ -165,95 +246,175 @@ class Run:
                             f"config in {self.out / RUN_CONFIG_FILE}")
         copy_weights_into(self.model, adapter)  # LoRA and a classifier's head (modules_to_save)
         ckpt.load_optimizer_state(folder, self.optimizer)
+        step = int(state["step"])
+        if step > self.max_steps:
+            raise UserError(f"out={self.out}: its newest checkpoint is at step {step}, past this config's "
+                            f"{self.max_steps} steps: raise train.max_steps to go on, or choose another out to "
+                            f"start a new run")
         ckpt.set_rng_state(state["rng"])
-        self.log(f"resumed from {folder} (step {state['step']})")
-        self.start_step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        self.log(f"resumed from {folder} (step {step})")
+        if state.get("max_steps") not in (None, self.max_steps) and step < self.max_steps:
+            self.log(f"note: the checkpoint belongs to a run of {state['max_steps']} steps, this one has "
+                     f"{self.max_steps}: the learning-rate schedule changes from here on")
+        self.start_step, self.skipped = step, int(state.get("skipped_steps", 0))
+        self.last_saved = step
+        self.loss = float(state.get("loss", float("nan")))
+        self.eval_metrics = dict(state.get("eval_metrics") or {})
+        if step == self.max_steps:
+            self.log(f"the run in {self.out} is already complete ({step} of {self.max_steps} steps): nothing to "
+                     f"train; raise train.max_steps to go on")
+
+    def _restore_last_metrics(self) -> None:
+        """The last loss and eval of a resumed run, from metrics.jsonl where its checkpoint predates them."""
+        if math.isnan(self.loss) and self.history:  # a checkpoint written before it kept its loss
+            self.loss = float(self.history[-1].get("loss", float("nan")))
+        if not self.eval_metrics:
+            evals = [r for r in self.history if "eval_loss" in r]
+            if evals:
+                self.eval_metrics = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
-        """Steps start_step .. max_steps, then finish()."""
-        train_cfg = self.cfg.train
+        """Steps start_step .. max_steps, then finish(). Asked to stop (self.stop), it saves and raises Interrupted
+        at the next step boundary."""
+        train_cfg = self.train_cfg
+        if self.start_step >= train_cfg.max_steps:
+            return self.finish()
+        with phase(f"training steps {self.start_step + 1} to {train_cfg.max_steps}", self.log):
+            self._loop()
+        return self.finish()
+
+    def _loop(self) -> None:
+        train_cfg = self.train_cfg
         bad_in_a_row, recent = 0, []
-        self.window_start = time.perf_counter()
+        self.window_start = self.fit_start = time.perf_counter()
         bar = tqdm(range(self.start_step, train_cfg.max_steps), initial=self.start_step, total=train_cfg.max_steps,
                    desc="training", unit="step", disable=not self.progress, dynamic_ncols=True)
-        for step in bar:
-            loss, grad_norm, ok = self.step(step)
-            done = step + 1
-            if not ok:
-                bad_in_a_row += 1
-                self._skip(done, loss, grad_norm, bad_in_a_row)
-                continue
-            bad_in_a_row = 0
-            if recent and loss > SPIKE_FACTOR * (sum(recent) / len(recent)):
-                self.log(f"step {done}: loss spike {loss:.4f} (recent mean {sum(recent) / len(recent):.4f})")
-            recent = (recent + [loss])[-SPIKE_WINDOW:]
-            evaluated = done % train_cfg.eval_every == 0 or done == train_cfg.max_steps
-            if evaluated:
-                self.evaluate()
-            if done % train_cfg.log_every == 0 or evaluated:
-                self._log_row(step, grad_norm, evaluated, bar)
-            if done % train_cfg.save_every == 0 or done == train_cfg.max_steps:
-                self.save_checkpoint(done)
-        bar.close()
-        return self.finish()
+        if self.stop is not None:
+            self.stop.training = True
+        try:
+            for step in bar:
+                if self.stop is not None and self.stop.requested:
+                    self._interrupt(step)
+                bad_in_a_row, recent = self._one_step(step, bad_in_a_row, recent, bar)
+        finally:
+            if self.stop is not None:
+                self.stop.training = False
+            bar.close()
+
+    def _one_step(self, step: int, bad_in_a_row: int, recent: list[float], bar) -> tuple[int, list[float]]:
+        """step(), then what follows it: skip accounting, spike report, eval, metrics row, checkpoint."""
+        train_cfg = self.train_cfg
+        loss, grad_norm, ok = self.step(step)
+        done = step + 1
+        if not ok:
+            bad_in_a_row += 1
+            self._skip(done, loss, grad_norm, bad_in_a_row)
+            return bad_in_a_row, recent
+        bad_in_a_row = 0
+        if recent and loss > SPIKE_FACTOR * (sum(recent) / len(recent)):
+            self.log(f"step {done}: loss spike {loss:.4f} (recent mean {sum(recent) / len(recent):.4f})")
+        recent = (recent + [loss])[-SPIKE_WINDOW:]
+        evaluated = done % train_cfg.eval_every == 0 or done == train_cfg.max_steps
+        if evaluated:
+            self.evaluate()
+        if done % train_cfg.log_every == 0 or evaluated:
+            self._log_row(step, grad_norm, evaluated, bar)
+        if done % train_cfg.save_every == 0 or done == train_cfg.max_steps:
+            self.save_checkpoint(done)
+        return bad_in_a_row, recent
 
     def step(self, step: int) -> tuple[float, float, bool]:
         """Optimizer step `step` (0-based) on its micro-batches: (loss, grad_norm, ok), as training.train_step."""
-        train_cfg = self.cfg.train
-        indices = batch_indices(step, len(self.train_examples), train_cfg.batch_size, train_cfg.grad_accum,
-                                train_cfg.seed)
+        train_cfg = self.train_cfg
         micro = [to_device(collate([self.train_examples[i] for i in idx], self.pad_id), self.accelerator.device)
-                 for idx in indices]
+                 for idx in self.batch_indices(step)]
         self.window_tokens += sum(count_tokens(mb) for mb in micro)
         self.loss, grad_norm, ok = train_step(self.loss_model, micro, self.optimizer, self.params,
                                               lr_at(step, train_cfg), train_cfg.max_grad_norm, self.accelerator)
         return self.loss, grad_norm, ok
 
+    def batch_indices(self, step: int) -> list[list[int]]:
+        """The train example indices of each micro-batch of optimizer step `step` (training.batch_indices)."""
+        train_cfg = self.train_cfg
+        return batch_indices(step, len(self.train_examples), train_cfg.batch_size, train_cfg.grad_accum,
+                             train_cfg.seed, limit=self.stream_end)
+
     def evaluate(self) -> dict:
         """The task's metrics on the eval set ({} without one); kept as the run's latest eval."""
-        self.eval_metrics = self.task.evaluate(self.loss_model, self.eval_examples, self.cfg.train.batch_size,
+        self.eval_metrics = self.task.evaluate(self.loss_model, self.eval_examples, self.train_cfg.batch_size,
                                                self.pad_id, self.accelerator.device)
         return self.eval_metrics
 
     def save_checkpoint(self, done: int) -> Path:
-        """checkpoints/step-NNNNNN: the adapter, the optimizer state, the RNG states and the counters."""
-        state = {"rng": ckpt.rng_state(), "skipped_steps": self.skipped, "max_steps": self.cfg.train.max_steps}
+        """checkpoints/step-NNNNNN: the adapter, the optimizer state, the RNG states and the counters (with the
+        step's loss and the latest eval, which a resumed run reports)."""
+        state = {"rng": ckpt.rng_state(), "skipped_steps": self.skipped, "max_steps": self.max_steps,
+                 "loss": self.loss, "eval_metrics": self.eval_metrics}
         settings = self._adapter_settings()
-        return ckpt.save_checkpoint(self.out, done, lambda folder: write_model_adapter(self.model, folder, **settings),
-                                    self.optimizer, state, self.cfg.train.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.out, done, lambda folder: write_model_adapter(self.model, folder, **settings),
+                                    self.optimizer, state, self.train_cfg.keep_checkpoints)
+        self.last_saved = done
+        return path
 
     def finish(self) -> TrainResult:
         """OUT/adapter and OUT/loss.png, the adapter's rank verdict in the log, and the result."""
-        save_adapter(self.model, self.out / ADAPTER_DIR, **self._adapter_settings())
-        plot_losses(self.history, self.out / LOSS_PLOT_FILE)
+        with phase(f"saving the adapter to {self.out / ADAPTER_DIR}", self.log):
+            self._save_adapter()
         self.log(f"adapter rank: {verdict(model_spectra(self.model))}; "
                  f"details: qlora-trainer inspect {self.out / ADAPTER_DIR}")
-        return TrainResult(self.out, self.cfg.train.max_steps, self.loss, self.eval_metrics.get("eval_loss"),
-                           self.skipped, self.history, self.eval_metrics, self.trainable_params, self.total_params)
+        return TrainResult(self.out, self.max_steps, self.loss, self.eval_metrics.get("eval_loss"),
+                           self.skipped, self.history, self.eval_metrics, self.trainable_params, self.total_params,
+                           resumed_from=self.start_step)
+
+    def _save_adapter(self) -> None:
+        save_adapter(self.model, self.out / ADAPTER_DIR, **self._adapter_settings())
+        plot_losses(self.history, self.out / LOSS_PLOT_FILE)
 
     # ------------------------------------------------------------------ helpers of the loop
     def _skip(self, done: int, loss: float, grad_norm: float, bad_in_a_row: int) -> None:
         """A step whose loss or gradient was not finite: counted; max_bad_steps in a row save and stop."""
         self.skipped += 1
         self.log(f"step {done}: non-finite loss/gradient (loss={loss}, grad_norm={grad_norm}): update skipped")
-        if bad_in_a_row >= self.cfg.train.max_bad_steps:
+        if bad_in_a_row >= self.train_cfg.max_bad_steps:
             path = self.save_checkpoint(done)
             raise UserError(f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient (last at step {done}); "
                             f"stopped. The last good adapter is in {path}. Lower train.lr or check the data.")
 
+    def _interrupt(self, done: int) -> None:
+        """Asked to stop with `done` steps done: a checkpoint at `done` (unless there is one) and OUT/adapter, then
+        Interrupted."""
+        checkpoint = None
+        if done > self.last_saved:
+            checkpoint = self.save_checkpoint(done)
+        elif done > 0:
+            checkpoint = ckpt.checkpoint_dir(self.out, done)
+        if done > 0:
+            with phase(f"stopping after step {done}: saving the adapter to {self.out / ADAPTER_DIR}", self.log):
+                self._save_adapter()
+        raise Interrupted(self.out, done, self.max_steps, self.stop.signum, checkpoint)
+
     def _log_row(self, step: int, grad_norm: float, evaluated: bool, bar) -> None:
-        """One row of metrics.jsonl and the progress bar's fields."""
+        """One row of metrics.jsonl, and the progress bar's fields or (without a bar) a plain progress line."""
         elapsed = time.perf_counter() - self.window_start
-        row = {"step": step + 1, "loss": round(self.loss, 6), "lr": lr_at(step, self.cfg.train),
+        row = {"step": step + 1, "loss": round(self.loss, 6), "lr": lr_at(step, self.train_cfg),
                "grad_norm": round(grad_norm, 6), "tokens_per_s": round(self.window_tokens / max(elapsed, 1e-9), 1),
                "mem_gb": round(memory_gb(), 3)}
         if evaluated:
             row.update(self.eval_metrics)  # eval_loss (+ eval_accuracy, eval_f1 for a classifier)
         self.history.append(row)
         append_metric(self.out, row)
-        bar.set_postfix(loss=f"{self.loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                        mem=f"{row['mem_gb']:.2f}GB", **self.task.progress_fields(self.eval_metrics))
+        fields = {"loss": f"{self.loss:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}",
+                  "mem": f"{row['mem_gb']:.2f}GB"}
+        if "eval_loss" in self.eval_metrics:  # the latest eval, until the next one
+            fields["eval_loss"] = f"{self.eval_metrics['eval_loss']:.4f}"
+        fields.update(self.task.progress_fields(self.eval_metrics))
+        if self.progress:
+            bar.set_postfix(ordered_dict=fields)
+        else:
+            done, now = step + 1, time.perf_counter()
+            rate = (now - self.fit_start) / max(done - self.start_step, 1)  # seconds a step in this process
+            self.log(training_line(done, self.max_steps, fields, rate * (self.max_steps - done)))
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def _adapter_settings(self) -> dict:

@@ -40,15 +40,28 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_indices(step: int, n_examples: int, batch_size: int, grad_accum: int, seed: int) -> list[list[int]]:
+def batch_indices(step: int, n_examples: int, batch_size: int, grad_accum: int, seed: int,
+                  limit: int | None = None) -> list[list[int]]:
     """The example indices of each micro-batch of optimizer step `step`. Epoch e visits the examples in a
-    permutation seeded by (seed, e); the position in the stream is step * batch_size * grad_accum."""
+    permutation seeded by (seed, e); the position in the stream is step * batch_size * grad_accum. With `limit`
+    (a run of train.epochs: epoch_examples) the stream ends at position `limit`: the last step is a short one."""
     per_step = batch_size * grad_accum
+    end = (step + 1) * per_step if limit is None else min((step + 1) * per_step, limit)
     flat = []
-    for i in range(step * per_step, (step + 1) * per_step):
+    for i in range(step * per_step, end):
         epoch, pos = divmod(i, n_examples)
         flat.append(_permutation(n_examples, seed, epoch)[pos])
-    return [flat[k:k + batch_size] for k in range(0, per_step, batch_size)]
+    return [flat[k:k + batch_size] for k in range(0, len(flat), batch_size)]
+
+
+def epoch_examples(epochs: float, n_examples: int) -> int:
+    """How many examples `epochs` passes over `n_examples` draw from the data stream (at least one)."""
+    return max(1, round(epochs * n_examples))
+
+
+def steps_for(examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps that draw `examples` examples, batch_size * grad_accum a step (the last may be short)."""
+    return -(-examples // (batch_size * grad_accum))
 
 
 @functools.lru_cache(maxsize=4)  # a step spans at most two epochs; a few entries cover runs side by side

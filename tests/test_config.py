@@ -300,3 +300,20 @@ def test_model_path_org_name_loads_from_the_local_hub_cache(tmp_path, monkeypatc
     assert "labels: 0=negative" in capsys.readouterr().out
     model = load_quantized(cfg.model.path, device="cpu", progress=False)
     assert model.config.num_hidden_layers == 4
+
+
+def test_train_epochs_instead_of_max_steps(cfg_file, tmp_path):
+    assert (load_config(cfg_file(), []).train.max_steps, load_config(cfg_file(), []).train.epochs) == (1000, None)
+    cfg = load_config(cfg_file(), ["train.epochs=2"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2.0, None)  # the run derives the steps from the data
+    assert load_config(cfg_file(), ["train.epochs=0.5"]).train.epochs == 0.5
+    saved = str(tmp_path / "run" / "config.yaml")
+    save_config(cfg, saved)
+    assert load_config(saved, []) == cfg  # config.yaml reruns it as an epochs run
+    for bad in ("0", "-1", ".nan", "abc"):
+        msg = error(cfg_file(), [f"train.epochs={bad}"])
+        assert "train.epochs must be" in msg, msg
+    path = cfg_file(MINIMAL + "train: {max_steps: 300}\n")
+    msg = error(path, ["train.epochs=3"])
+    assert "train.max_steps (300) and train.epochs (3) are both set" in msg and "train.max_steps=null" in msg, msg
+    assert load_config(path, ["train.epochs=3", "train.max_steps=null"]).train.epochs == 3.0

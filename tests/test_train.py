@@ -219,3 +219,135 @@ def test_output_folder_errors(tmp_path, config):
     (tmp_path / "old" / "checkpoints" / "step-000001").mkdir(parents=True)
     with pytest.raises(UserError, match="resume=true"):
         train_mod.train(config(tmp_path / "old"), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ train.epochs (issue 17)
+
+def test_batch_indices_stop_where_the_epochs_end():
+    n, batch, accum = 10, 3, 2  # 6 a step: one epoch is a step of 6 and a short one of 4
+    steps = training.steps_for(training.epoch_examples(1, n), batch, accum)
+    assert steps == 2
+    last = training.batch_indices(1, n, batch, accum, seed=7, limit=10)
+    assert [len(mb) for mb in last] == [3, 1]
+    seen = [i for s in range(steps) for mb in training.batch_indices(s, n, batch, accum, seed=7, limit=10) for i in mb]
+    assert sorted(seen) == list(range(n))
+    assert training.batch_indices(0, n, batch, accum, seed=7, limit=10) == training.batch_indices(0, n, batch, accum,
+                                                                                                  seed=7)
+    assert training.steps_for(training.epoch_examples(2.5, n), batch, accum) == 5  # 25 examples
+    assert training.epoch_examples(0.01, n) == 1
+
+
+@pytest.mark.parametrize("epochs, packing", [(1, False), (2, True), (0.5, False)])
+def test_epochs_set_the_number_of_steps_from_the_training_examples(tmp_path, config, epochs, packing):
+    cfg = config(tmp_path / "run", max_steps=None, epochs=epochs, batch_size=4, grad_accum=3,
+                 **{"data.packing": packing})
+    run = train_mod.Run(cfg, progress=False, log=lambda *_: None).setup()
+    n = len(run.train_examples)  # after packing
+    assert (n < run.stats.train_examples) is packing
+    wanted = -(-round(epochs * n) // 12)
+    assert run.max_steps == wanted and run.train_cfg.max_steps == wanted
+    assert cfg.train.max_steps is None and cfg.train.epochs == epochs  # what config.yaml keeps: a rerun plans again
+    seen = [i for step in range(run.max_steps) for mb in run.batch_indices(step) for i in mb]
+    assert len(seen) == round(epochs * n)
+    if epochs == 1:
+        assert sorted(seen) == list(range(n))  # every example exactly once
+    # the lr schedule is built on the derived steps: it decays to the end of the run, not of 1000 steps
+    assert training.lr_at(run.max_steps - 1, run.train_cfg) < 0.1 * cfg.train.lr
+
+
+@pytest.mark.slow
+def test_an_epochs_run_stopped_and_resumed_is_bitwise_identical_and_its_config_reruns(tmp_path, monkeypatch, config):
+    def run_config(out):  # 2 epochs of the eval set's 12 rows as training data: 24 examples, 6 a step: 4 steps
+        return config(out, max_steps=None, epochs=2, batch_size=3, save_every=2,
+                      **{"data.path": str(config(out).data.eval_path)})
+
+    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
+    assert straight.steps == 4
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
+    with pytest.raises(Stop):
+        train_mod.train(run_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    from qlora_trainer.config import load_config
+
+    rerun = load_config(str(tmp_path / "resumed" / "config.yaml"), ["resume=true"])  # the resolved config as is
+    assert (rerun.train.epochs, rerun.train.max_steps) == (2, None)
+    result = train_mod.train(rerun, progress=False, log=lambda *_: None)
+    assert result.steps == 4 and result.resumed_from == 2
+    a, b = _adapter_tensors(tmp_path / "straight" / "adapter"), _adapter_tensors(tmp_path / "resumed" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ resuming a finished run
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_it_was_complete_with_its_real_losses(tmp_path, config, capsys):
+    from qlora_trainer import cli
+    from qlora_trainer.config import save_config
+
+    cfg = config(tmp_path / "run", max_steps=3, save_every=2, eval_every=2)
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert cli.main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+
+    assert cli.main(["train", str(tmp_path / "cfg.yaml"), "--resume"]) == 0
+    out = capsys.readouterr().out
+    final = [line for line in out.splitlines() if "final loss" in line]
+    assert len(final) == 1 and final[0].startswith("already complete:") and "step 3" in final[0], out
+    assert f"final loss {rows[-1]['loss']:.4f}" in final[0] and f"eval loss {rows[-1]['eval_loss']:.4f}" in final[0]
+    assert "nan" not in out and "done:" not in out
+
+    # fewer steps than the checkpoint: refused, and config.yaml still says what the run was
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    assert cli.main(["train", str(tmp_path / "cfg.yaml"), "train.max_steps=2", "--resume"]) == 2
+    assert "checkpoint is at step 3, past this config's 2 steps" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+
+
+# ------------------------------------------------------------------------------------------ stopping on a signal
+
+def test_a_stop_request_asks_once_then_exits_at_once():
+    import signal
+
+    stop = train_mod.StopRequest()
+    with pytest.raises(KeyboardInterrupt):  # before training: nothing to save, stop now
+        stop(signal.SIGINT, None)
+    stop.training = True
+    stop(signal.SIGTERM, None)
+    assert stop.requested and stop.signum == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # the second signal
+        stop(signal.SIGINT, None)
+
+
+@pytest.mark.slow
+def test_a_stopped_run_saves_its_step_and_adapter_and_resumes_exactly(tmp_path, config, monkeypatch):
+    import signal
+
+    def run_config(out):
+        return config(out, max_steps=5, save_every=100)  # no regular checkpoint before the end
+
+    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
+    stop = train_mod.StopRequest()
+    real_step = train_mod.Run.step
+
+    def step(self, i):
+        if i == 2:  # the signal arrives during the third step: that step finishes, then the run stops
+            stop(signal.SIGINT, None)
+        return real_step(self, i)
+
+    monkeypatch.setattr(train_mod.Run, "step", step)
+    with pytest.raises(train_mod.Interrupted) as stopped:
+        train_mod.train(run_config(tmp_path / "stopped"), progress=False, log=lambda *_: None, stop=stop)
+    monkeypatch.setattr(train_mod.Run, "step", real_step)
+    assert (stopped.value.step, stopped.value.signum) == (3, signal.SIGINT)
+    assert stopped.value.checkpoint == ckpt.checkpoint_dir(tmp_path / "stopped", 3)
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["step-000003"]
+    saved, adapter = _adapter_tensors(stopped.value.checkpoint), _adapter_tensors(tmp_path / "stopped" / "adapter")
+    assert all(torch.equal(saved[k], adapter[k]) for k in saved)
+
+    resumed_cfg = run_config(tmp_path / "stopped")
+    resumed_cfg.resume = True
+    train_mod.train(resumed_cfg, progress=False, log=lambda *_: None)
+    a, b = _adapter_tensors(straight.adapter), _adapter_tensors(tmp_path / "stopped" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

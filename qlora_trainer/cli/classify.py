@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from qlora_trainer import tasks
+    from qlora_trainer import progress, tasks
     from qlora_trainer.base_model import resolve_base
     from qlora_trainer.classify import predict, read_rows
     from qlora_trainer.tasks.classification import label_names_of
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("classify: pass exactly one of --text \"...\" or --file rows.jsonl")
     base = resolve_base(args.base)
     model, _ = tasks.get("classification").load_with_adapter(base, args.adapter, compute_dtype=args.dtype,
-                                                             device=args.device)
+                                                             device=args.device, progress=progress.bars())
     names = label_names_of(model)
     if args.file is not None:
         texts, gold = read_rows(args.file, names)

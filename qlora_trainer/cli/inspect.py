@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     adapter = read_adapter(args.adapter)
     found = spectra(adapter.weights, adapter.scale, adapter.r)
     if args.base is not None:
-        attach_base_norms(found, adapter, args.base, device=args.device)
+        from qlora_trainer import progress
+
+        attach_base_norms(found, adapter, args.base, device=args.device, progress=progress.bars())
     print(f"{adapter.path}: {len(found)} LoRA modules, r={adapter.r}, lora_alpha={adapter.alpha:g}, "
           f"scale={adapter.scale:g}")
     print(table(found))

@@ -30,12 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qlora_trainer import progress
     from qlora_trainer.base_model import resolve_base
     from qlora_trainer.merge import merge, verify
 
     base = resolve_base(args.base)
     out = merge(base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
-                max_shard_size=args.max_shard_size, progress=not args.quiet)
+                max_shard_size=args.max_shard_size, progress=not args.quiet and progress.bars())
     print(f"merged ({args.into}) into {out}")
     if args.verify:
         report = verify(base, args.adapter, out)

@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qlora_trainer import progress
     from qlora_trainer.loading import load_quantized, model_summary
 
-    model = load_quantized(args.model, compute_dtype=args.dtype, device=args.device)
+    model = load_quantized(args.model, compute_dtype=args.dtype, device=args.device, progress=progress.bars())
     print(model_summary(model))
     return 0
