@@ -56,7 +56,7 @@ def run_head_only(cfg, log) -> dict:
     """Train the new head alone (no checkpoints, no adapter: there is no LoRA to save) and evaluate it."""
     start = time.perf_counter()
     run = HeadOnlyRun(cfg, progress=False, log=lambda *_: None).setup()
-    for step in range(cfg.train.max_steps):
+    for step in range(run.max_steps):  # train.max_steps, or the steps train.epochs comes to
         run.step(step)
     row = {"rank": 0, "trainable": run.trainable_params, "total": run.total_params,
            "seconds": round(time.perf_counter() - start, 1), "energy_rank90": None, **run.evaluate()}
