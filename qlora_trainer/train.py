@@ -8,15 +8,14 @@ A run stopped after N steps and resumed is bitwise identical to one that never s
 tests/test_train.py): the data order and the learning rate are functions of the step (training.py), and the adapter,
 optimizer state and RNG states are saved together (checkpoint.py).
 
-A run given a StopRequest (cli/train.py wires one to SIGINT and SIGTERM) stops at the next step boundary when asked:
-it writes a checkpoint and the adapter, then raises Interrupted, which says how to go on.
+A run given a StopRequest (stopping.py; cli/train.py wires one to SIGINT and SIGTERM) stops at the next step
+boundary when asked: it writes a checkpoint and the adapter, then raises Interrupted, which says how to go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from qlora_trainer.names import ADAPTER_DIR, CHECKPOINTS_DIR, LOSS_PLOT_FILE, ME
 from qlora_trainer.progress import bars, phase, training_line
 from qlora_trainer.quant import make_optimizer
 from qlora_trainer.spectrum import model_spectra, verdict
+from qlora_trainer.stopping import Interrupted, StopRequest
 from qlora_trainer.training import (append_metric, batch_indices, count_tokens, enable_checkpointing, epoch_examples,
                                     lr_at, memory_gb, plot_losses, read_metrics, set_seed, steps_for, to_device,
                                     train_step, write_metrics)
@@ -75,40 +75,6 @@ class TrainResult:
     @property
     def plot(self) -> Path:
         return self.out / LOSS_PLOT_FILE
-
-
-class StopRequest:
-    """Asks a Run to stop after the step in progress. It is a signal handler: cli/train.py installs it for SIGINT and
-    SIGTERM. The first signal during training asks; a second one, or one before training started (loading, nothing
-    to save yet), raises KeyboardInterrupt at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.training = False  # set by Run.fit while its loop runs
-
-    def __call__(self, signum: int, frame=None) -> None:
-        if self.signum is not None or not self.training:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-
-class Interrupted(Exception):
-    """A run stopped by a StopRequest after `step` steps, its work saved in `checkpoint` (None: no step to save)."""
-
-    def __init__(self, out: Path, step: int, max_steps: int, signum: int, checkpoint: Path | None):
-        self.out, self.step, self.max_steps, self.signum, self.checkpoint = out, step, max_steps, signum, checkpoint
-        super().__init__(f"{self.signal_name} after step {step} of {max_steps}")
-
-    @property
-    def signal_name(self) -> str:
-        try:
-            return signal.Signals(self.signum).name
-        except ValueError:
-            return f"signal {self.signum}"
 
 
 def check_output_folder(cfg: RunConfig) -> Path:

@@ -20,6 +20,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_state_dict
 from qlora_trainer.loss import CausalLMLoss
+from qlora_trainer.stopping import Interrupted, StopRequest
 from tests.helpers import ASSET, DEMO, Stop, save_then_die
 
 
@@ -310,7 +311,7 @@ def test_resuming_a_finished_run_says_it_was_complete_with_its_real_losses(tmp_p
 def test_a_stop_request_asks_once_then_exits_at_once():
     import signal
 
-    stop = train_mod.StopRequest()
+    stop = StopRequest()
     with pytest.raises(KeyboardInterrupt):  # before training: nothing to save, stop now
         stop(signal.SIGINT, None)
     stop.training = True
@@ -328,7 +329,7 @@ def test_a_stopped_run_saves_its_step_and_adapter_and_resumes_exactly(tmp_path, 
         return config(out, max_steps=5, save_every=100)  # no regular checkpoint before the end
 
     straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
-    stop = train_mod.StopRequest()
+    stop = StopRequest()
     real_step = train_mod.Run.step
 
     def step(self, i):
@@ -337,7 +338,7 @@ def test_a_stopped_run_saves_its_step_and_adapter_and_resumes_exactly(tmp_path, 
         return real_step(self, i)
 
     monkeypatch.setattr(train_mod.Run, "step", step)
-    with pytest.raises(train_mod.Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped:
         train_mod.train(run_config(tmp_path / "stopped"), progress=False, log=lambda *_: None, stop=stop)
     monkeypatch.setattr(train_mod.Run, "step", real_step)
     assert (stopped.value.step, stopped.value.signum) == (3, signal.SIGINT)

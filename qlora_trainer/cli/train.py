@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from qlora_trainer import progress, tasks
     from qlora_trainer.cli import data
     from qlora_trainer.config import load_config
-    from qlora_trainer.train import Interrupted, StopRequest, train
+    from qlora_trainer.stopping import Interrupted, StopRequest
+    from qlora_trainer.train import train
 
     cfg = load_config(args.config, list(args.overrides) + (["resume=true"] if args.resume else []))
     if args.dry_run:
