@@ -320,6 +320,57 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
 def verify(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, merged: str | os.PathLike, *,
            texts: list[str] | None = None, device: str | None = None) -> dict:
     """Logits of quantized base + adapter vs the merged folder (plain transformers, fp32) on a few prompts (a
-    classifier: class logits of a few texts). Returns {max_abs_diff, mean_abs_diff, top1_agreement, positions}."""
+    classifier: class logits of a few texts). Returns {max_abs_diff, mean_abs_diff, top1_agreement, positions,
+    dtype}, dtype being the least precise dtype of the merged folder's floating tensors (what verify_verdict's
+    tolerance depends on)."""
     task = tasks.for_adapter(read_adapter(adapter))
-    return task.verify_merged(base, adapter, merged, texts=texts, device=device)
+    report = task.verify_merged(base, adapter, merged, texts=texts, device=device)
+    return {**report, "dtype": merged_weights_dtype(merged)}
+
+
+# What `merge --verify` accepts from a dequantized merge. Both sides are computed in fp32, so what is left is the
+# merged weights' rounding to their dtype: none in fp32 (only summation order), 11 significant bits in fp16, 8 in
+# bf16. The top-1 token (or class) must agree almost everywhere whatever the dtype.
+VERIFY_MIN_TOP1 = 0.99
+VERIFY_MAX_ABS_DIFF = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.5}
+_LOOSEST_FIRST = ("bf16", "fp16", "fp32")
+
+
+def merged_weights_dtype(merged: str | os.PathLike) -> str:
+    """The least precise of the dtypes of a model folder's floating tensors (bf16 < fp16 < fp32), from the
+    safetensors headers."""
+    found = {dtype_name(dtype) or "fp32" for _, dtype in header_entries(checkpoint_files(Path(merged))).values()
+             if dtype.is_floating_point}
+    return next((name for name in _LOOSEST_FIRST if name in found), "fp32")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool | None  # None: no pass/fail for this kind of merge (into original)
+    line: str
+
+
+def verify_verdict(report: dict, *, into: str = "dequantized") -> Verdict:
+    """PASS or FAIL for a verify() report: a dequantized merge passes when the top-1 agreement is at least 99% and
+    the max |logit diff| is below VERIFY_MAX_ABS_DIFF of the merged weights' dtype (report["dtype"]). An original
+    merge adds the update to the unquantized weights, so it is meant to differ from the quantized model it is
+    compared with by the NF4 rounding: no pass/fail (passed is None), the numbers say how far apart they are."""
+    if into not in INTO:
+        raise ValueError(f"into must be one of {INTO}, got {into!r}")
+    agreement, diff, dtype = report["top1_agreement"], report["max_abs_diff"], report.get("dtype", "fp32")
+    if into == "original":
+        return Verdict(None, f"verify: no pass/fail for --into original: it adds the update to the unquantized weights, "
+                             f"so it differs from the quantized base + adapter by the NF4 rounding by design "
+                             f"(top-1 agreement {100 * agreement:.1f}%); --into dequantized is the merge that "
+                             "verify checks")
+    bound = VERIFY_MAX_ABS_DIFF.get(dtype, VERIFY_MAX_ABS_DIFF["fp32"])
+    wanted = f"top-1 agreement >= {100 * VERIFY_MIN_TOP1:g}% and max |logit diff| < {bound:g} for {dtype} weights"
+    failed = []
+    if not agreement >= VERIFY_MIN_TOP1:
+        failed.append(f"top-1 agreement {100 * agreement:.1f}% is below {100 * VERIFY_MIN_TOP1:g}%")
+    if not diff < bound:  # a NaN fails too
+        failed.append(f"max |logit diff| {diff:.3g} is not below {bound:g}")
+    if not failed:
+        return Verdict(True, f"verify: PASS ({wanted})")
+    return Verdict(False, f"verify: FAIL: {' and '.join(failed)} (wanted: {wanted}): the merged model does not compute "
+                          "what the quantized base + adapter computes; the folder is left in place to inspect")

@@ -8,7 +8,7 @@ from qlora_trainer.names import DTYPE_NAMES
 
 HELP = "fold an adapter into its base and write a standard model folder"
 DESCRIPTION = ("Stream the base checkpoint shard by shard, add scale * B @ A to each LoRA target, and write a folder "
-               "plain transformers loads.")
+               "plain transformers loads. With --verify, exit code 1 when the merged model fails the check.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,13 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else bf16; CPU training uses fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     p.add_argument("--verify", action="store_true",
-                   help="compare logits of quantized base + adapter and the merged model on a few prompts")
+                   help="compare logits of quantized base + adapter and the merged model (both in fp32) on a few "
+                        "prompts, then print PASS or FAIL: a dequantized merge passes with top-1 agreement >= 99%% "
+                        "and max |logit diff| below 0.001 for fp32 weights, 0.1 for fp16, 0.5 for bf16 (the "
+                        "rounding of the merged weights); on FAIL the exit code is 1 and the folder is kept. "
+                        "--into original gets no pass/fail: it is meant to differ from the quantized model by the "
+                        "NF4 rounding")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from qlora_trainer.base_model import resolve_base
-    from qlora_trainer.merge import merge, verify
+    from qlora_trainer.merge import merge, verify, verify_verdict
 
     base = resolve_base(args.base)
     out = merge(base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
@@ -41,4 +46,8 @@ def run(args: argparse.Namespace) -> int:
         report = verify(base, args.adapter, out)
         print(f"verify: {report['positions']} positions, max |logit diff| {report['max_abs_diff']:.3g}, "
               f"mean {report['mean_abs_diff']:.3g}, top-1 agreement {100 * report['top1_agreement']:.1f}%")
+        verdict = verify_verdict(report, into=args.into)
+        print(verdict.line)
+        if verdict.passed is False:
+            return 1  # not bad input (2): the merge ran, and its result does not match
     return 0
