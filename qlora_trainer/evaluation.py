@@ -24,7 +24,7 @@ from qlora_trainer.adapter import read_adapter
 from qlora_trainer.base_model import BaseModel, resolve_base
 from qlora_trainer.config import ConfigError, DataConfig, load_config
 from qlora_trainer.data import FILE_BUILDERS, build_datasets, load_tokenizer, pad_token_id
-from qlora_trainer.errors import ArgumentError, UserError
+from qlora_trainer.errors import ArgumentError
 from qlora_trainer.names import CAUSAL_LM, CLASSIFICATION, DATA_FORMATS, RUN_CONFIG_FILE
 
 # DataConfig key -> the argument of data_config that sets it

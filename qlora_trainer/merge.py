@@ -362,8 +362,8 @@ def verify_verdict(report: dict, *, into: str = "dequantized", compute_dtype: st
         raise ValueError(f"into must be one of {INTO}, got {into!r}")
     agreement, diff = report["top1_agreement"], report["max_abs_diff"]
     if into == "original":
-        return Verdict(None, f"verify: no pass/fail for --into original: it adds the update to the unquantized weights, "
-                             f"so it differs from the quantized base + adapter by the NF4 rounding by design "
+        return Verdict(None, "verify: no pass/fail for --into original: it adds the update to the unquantized "
+                             f"weights, so it differs from the quantized base + adapter by the NF4 rounding by design "
                              f"(top-1 agreement {100 * agreement:.1f}%); --into dequantized is the merge verify checks")
     used = {report.get("dtype", "fp32"), compute_dtype}
     dtype = next((name for name in _LOOSEST_FIRST if name in used), "fp32")

@@ -181,8 +181,9 @@ def test_eval_of_a_run_adapter_reproduces_the_runs_eval_loss(tmp_path, capsys):
     lines = (DEMO / "train.jsonl").read_text().splitlines()
     _write_rows(tmp_path / "train.jsonl", [json.loads(line) for line in lines[:32]])
     _write_rows(tmp_path / "eval.jsonl", [json.loads(line) for line in lines[32:42]])
-    cfg = build_config({"model.path": str(ASSET), "model.compute_dtype": "fp32", "data.path": str(tmp_path / "train.jsonl"),
-                        "data.format": "chat", "data.eval_path": str(tmp_path / "eval.jsonl"), "data.max_seq_len": 40,
+    cfg = build_config({"model.path": str(ASSET), "model.compute_dtype": "fp32",
+                        "data.path": str(tmp_path / "train.jsonl"), "data.format": "chat",
+                        "data.eval_path": str(tmp_path / "eval.jsonl"), "data.max_seq_len": 40,
                         "lora.r": 4, "lora.alpha": 8, "train.optimizer": "adamw", "train.batch_size": 4,
                         "train.grad_accum": 1, "train.lr": 1e-2, "train.warmup_steps": 0, "train.max_steps": 3,
                         "train.eval_every": 3, "train.save_every": 3, "out": str(tmp_path / "run")})
@@ -199,7 +200,7 @@ def test_eval_of_a_run_adapter_reproduces_the_runs_eval_loss(tmp_path, capsys):
     (["--data", "DATA", "--format", "alpaca"], r"chat\.jsonl row 1: missing field 'instruction'"),
     (["--data", "DATA"], r"--format is needed: how the rows of .*chat\.jsonl are written"),
     (["--data", "DATA", "--format", "classification"], r"--format classification: the model is a causal LM"),
-    (["--data", "DATA", "--adapter", "CLASSIFIER", "--format", "chat"], r"--format chat: the model is a classification"),
+    (["--data", "DATA", "--adapter", "CLASSIFIER", "--format", "chat"], r"--format chat: the model is a classifi"),
     (["--data", "FOLDER/nope.jsonl", "--format", "text"], r"--data .*nope\.jsonl: no such file"),
     (["--data", "DATA", "--format", "chat", "--max-seq-len", "4"], r"--max-seq-len must be at least 8"),
     (["--data", "DATA", "--format", "chat", "--batch-size", "0"], r"--batch-size must be a positive integer"),

@@ -13,8 +13,8 @@ from qlora_trainer.adapter import load_adapter_into, read_adapter, save_adapter
 from qlora_trainer.cli import main
 from qlora_trainer.lora import apply_lora, delta_weight, lora_modules
 from qlora_trainer.inspect_adapter import plot, write_truncated
-from qlora_trainer.spectrum import (ModuleSpectrum, energy_rank, factored_svd, model_spectra, spectra, truncate, verdict,
-                                   verdict_rank)
+from qlora_trainer.spectrum import (ModuleSpectrum, energy_rank, factored_svd, model_spectra, spectra, truncate,
+                                   verdict, verdict_rank)
 from tests.helpers import load_ours, transformers_nf4
 
 
