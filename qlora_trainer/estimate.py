@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from qlora_trainer.errors import ArgumentError, UserError
-from qlora_trainer.names import ALL_LINEAR, DTYPE_BYTES, MODEL_CONFIG_FILE, NF4_BLOCKSIZE, OPTIMIZERS
+from qlora_trainer.names import ALL_LINEAR, AUTO, DTYPE_BYTES, MODEL_CONFIG_FILE, NF4_BLOCKSIZE, OPTIMIZERS
 
 GIB = 1024**3
 
@@ -156,6 +156,25 @@ class MemoryBreakdown:
 
 
 # ---------------------------------------------------------------------------------------------- config
+
+# RunSettings field -> the key of a training config (config.RunConfig) it is read from by `estimate CONFIG.yaml`.
+CONFIG_KEYS = {"seq_len": "data.max_seq_len", "batch_size": "train.batch_size", "rank": "lora.r",
+               "targets": "lora.targets", "optimizer": "train.optimizer", "loss_chunk_size": "train.loss_chunk_size",
+               "compute_dtype": "model.compute_dtype", "lora_dropout": "lora.dropout"}
+GPU_COMPUTE_DTYPE = "bf16"  # what model.compute_dtype "auto" means on a GPU
+
+
+def settings_from_config(cfg: Any) -> dict[str, Any]:
+    """RunSettings keywords from a training config (a config.RunConfig), read at CONFIG_KEYS; compute_dtype "auto"
+    is bf16, what a GPU run computes in."""
+    values = {}
+    for field, key in CONFIG_KEYS.items():
+        section, name = key.split(".")
+        values[field] = getattr(getattr(cfg, section), name)
+    if values["compute_dtype"] == AUTO:
+        values["compute_dtype"] = GPU_COMPUTE_DTYPE
+    return values
+
 
 
 def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:

@@ -17,7 +17,8 @@ from qlora_trainer.errors import ArgumentError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.names import PEFT_TASK_TYPES, CAUSAL_LM
 from qlora_trainer.peft_layout import adapter_record, peft_config, write_adapter_files
-from qlora_trainer.spectrum import ModuleSpectrum, table_key, truncate
+from qlora_trainer.spectrum import (VERDICT_ENERGY, VERDICT_SHARE, ModuleSpectrum, table_key, truncate, verdict,
+                                   verdict_rank)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -63,7 +64,9 @@ def table(found: list[ModuleSpectrum], top: int = 4) -> str:
 
 def plot(found: list[ModuleSpectrum], path: str | os.PathLike) -> Path:
     """PNG: layers x module types coloured by the rank that holds 90% of the energy, and the mean normalized
-    spectrum (sigma_i / sigma_1) per module type. Written to a temporary name, then renamed into place."""
+    spectrum (sigma_i / sigma_1) per module type. The figure's title is the verdict line (spectrum.verdict: the same
+    90% rank, taken over 95% of the modules), and the colour bar marks the verdict's rank. Written to a temporary
+    name, then renamed into place."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,8 +95,13 @@ def plot(found: list[ModuleSpectrum], path: str | os.PathLike) -> Path:
                 ax_map.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
                             color="white" if value < 0.6 * r else "black")
     ax_map.set_ylabel("layer")
-    ax_map.set_title(f"rank holding 90% of the energy (of r={r})")
-    fig.colorbar(image, ax=ax_map)
+    ax_map.set_title(f"per module: rank holding {VERDICT_ENERGY:.0%} of the energy (of r={r})", fontsize="medium")
+    bar = fig.colorbar(image, ax=ax_map)
+    k, _ = verdict_rank(found)
+    if k:
+        bar.ax.axhline(k, color="red", linewidth=2)
+        bar.set_label(f"red line: rank {k}, enough for {VERDICT_SHARE:.0%} of modules")
+    fig.suptitle(verdict(found), fontsize="medium")
 
     for kind in kinds:
         normalized = [_normalized(s.sigma, r) for s in found if s.kind == kind and float(s.sigma[0]) > 0]

@@ -27,7 +27,10 @@ from qlora_trainer.lora import lora_modules, lora_scale
 from qlora_trainer.peft_layout import Adapter, Factors
 
 ENERGY_LEVELS = (0.90, 0.99)  # the table's two energy ranks: r90 and r99
-VERDICT_SHARE = 0.95  # the verdict's rank must hold 99% of the energy in at least this share of modules
+# The verdict's rule, the same rank the plot's map shows: the rank that holds VERDICT_ENERGY of the energy (r90) in at
+# least VERDICT_SHARE of the modules, rounded up to a power of two, is the r that would likely do.
+VERDICT_ENERGY = ENERGY_LEVELS[0]
+VERDICT_SHARE = 0.95
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
               "c_attn", "c_proj", "c_fc")  # LLaMA family, then GPT-2; anything else sorts after, by name
 
@@ -121,21 +124,36 @@ def _next_power_of_two(k: int) -> int:
     return 1 << max(k - 1, 0).bit_length()
 
 
+def verdict_rank(found: list[ModuleSpectrum]) -> tuple[int, float]:
+    """(k, share): the smallest rank that holds 90% of the energy (r90) in at least 95% of the modules (at least 1
+    unless every update is zero, then 0), and the share of modules whose r90 is at most k."""
+    if not found:
+        return 0, 0.0
+    ranks = sorted(energy_rank(s.sigma, VERDICT_ENERGY) for s in found)
+    k = ranks[min(len(ranks) - 1, math.ceil(VERDICT_SHARE * len(ranks)) - 1)]
+    k = max(k, min(ranks[-1], 1))  # a few trained modules among untouched ones still need rank 1
+    return k, sum(rank <= k for rank in ranks) / len(ranks)
+
+
 def verdict(found: list[ModuleSpectrum]) -> str:
-    """One line: the rank that holds 99% of the energy in 95% of the modules, and the rank that would likely do."""
+    """One line, one rule: k = the rank that holds 90% of the energy in 95% of the modules (the plot's map shows each
+    module's 90% rank); r = k rounded up to a power of two would likely do. When no power of two below r holds
+    it, keep r; when k is as high as a flat spectrum's, every direction is used and a higher r might help."""
     if not found:
         return "no LoRA modules to inspect"
     r = max(s.r for s in found)
-    ranks = sorted(s.rank99 for s in found)
-    if ranks[-1] == 0:
+    k, share = verdict_rank(found)
+    if k == 0:
         return f"every update is zero (B = 0 in all {len(found)} modules): the adapter has not been trained"
-    k = ranks[min(len(ranks) - 1, math.ceil(VERDICT_SHARE * len(ranks)) - 1)]
-    share = 100.0 * sum(rank <= k for rank in ranks) / len(ranks)
-    head = f"99% of the energy fits in rank {k} of {r} in {share:.0f}% of modules"
-    suggestion = min(_next_power_of_two(max(k, 1)), r)
-    if suggestion >= r:
-        return f"{head}: the rank is used in full, keep r={r} (a higher rank might help)"
-    return f"{head}: a rank of {suggestion} would likely do"
+    head = f"rank {k} of {r} holds {VERDICT_ENERGY:.0%} of the energy in {100 * share:.0f}% of modules"
+    suggestion = min(_next_power_of_two(k), r)
+    if suggestion < r:
+        return f"{head}: r={suggestion} would likely do"
+    if k >= energy_rank(torch.ones(r, dtype=torch.float64), VERDICT_ENERGY):  # as spread as a flat spectrum
+        return f"{head}: the updates use every direction, keep r={r} (a higher r might help)"
+    smaller = _next_power_of_two(k) // 2
+    return (f"{head}: keep r={r} (r={smaller} would hold less than {VERDICT_ENERGY:.0%} of the energy in more than "
+            f"{100 * (1 - VERDICT_SHARE):.0f}% of modules)")
 
 
 # ------------------------------------------------------------------------------------------ truncation

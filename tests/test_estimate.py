@@ -395,3 +395,93 @@ def test_head_dim_and_kv_heads_defaults():
     shape = shape_from_config({k: v for k, v in TINY.items() if k != "num_key_value_heads"})
     assert (shape.head_dim, shape.kv_heads) == (32, 4)
     assert shape_from_config({**TINY, "head_dim": 64}).q_dim == 256
+
+
+# ----------------------------------------------------------------------------------------- a training config
+
+def _training_config(tmp_path, **changes) -> str:
+    """A training YAML over a LLaMA-3-8B-shaped config.json, every setting estimate reads set away from its default."""
+    model = tmp_path / "llama3-8b"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+    sections = {
+        "model": {"path": str(model), "compute_dtype": "fp16"},
+        "lora": {"r": 32, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj", "down_proj"]},
+        "data": {"path": "unused.jsonl", "format": "alpaca", "max_seq_len": 3072},
+        "train": {"batch_size": 3, "optimizer": "adamw", "loss_chunk_size": 512},
+        "out": "runs/unused",
+    }
+    for key, value in changes.items():
+        section, name = key.split(".")
+        sections[section][name] = value
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+EQUIVALENT_FLAGS = ["--seq-len", "3072", "--batch-size", "3", "--rank", "32", "--targets", "q_proj,v_proj,down_proj",
+                    "--optimizer", "adamw", "--loss-chunk-size", "512", "--dtype", "fp16", "--lora-dropout", "0"]
+
+
+def _estimate(capsys, *argv) -> str:
+    assert main(["estimate", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_reads_a_training_config_and_prints_what_the_equivalent_flags_print(tmp_path, capsys):
+    config = _training_config(tmp_path)
+    from_config = _estimate(capsys, config)
+    model = str(tmp_path / "llama3-8b")
+    assert from_config == _estimate(capsys, "--model", model, *EQUIVALENT_FLAGS)
+    assert from_config != _estimate(capsys, "--model", model)  # the config's settings are not the defaults
+    assert "seq 3072 x batch 3, r 32 on 3 linears/layer" in from_config and "optimizer state (adamw)" in from_config
+    # Flags and dotted overrides override the file; model.compute_dtype auto is a GPU's bf16.
+    flags = [*EQUIVALENT_FLAGS[:-4], "--dtype", "bf16", "--lora-dropout", "0.1"]
+    expected = _estimate(capsys, "--model", model, *flags)
+    assert _estimate(capsys, config, "--dtype", "bf16", "--lora-dropout", "0.1") == expected
+    assert _estimate(capsys, config, "model.compute_dtype=bf16", "lora.dropout=0.1") == expected
+    assert _estimate(capsys, _training_config(tmp_path, **{"model.compute_dtype": "auto", "lora.dropout": 0.1})) \
+        == expected
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_hidden_layers": 16}))
+    assert "16 layers" in _estimate(capsys, config, "--model", str(other))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], r"needs a model: --model DIR .*or a training CONFIG\.yaml"),
+    (["CONFIG", "model.path=MISSING"], r"run\.yaml: model\.path .*missing-model: no such folder"),
+    (["CONFIG", "lora.targets=[c_attn]"], r"run\.yaml: lora\.targets: unknown or empty \['c_attn'\]"),
+    (["CONFIG", "--targets", "qkv"], r"--targets: unknown"),
+    (["CONFIG", "lora.rank=3"], r"unknown key 'lora\.rank'.*did you mean 'lora\.r'"),
+    (["--model", "MODEL", "lora.r=3"], r"overrides \(lora\.r=3\) need a CONFIG\.yaml"),
+])
+def test_bad_config_input_is_one_line_naming_the_key_or_flag(tmp_path, capsys, argv, message):
+    config = _training_config(tmp_path)
+    argv = [a.replace("CONFIG", config).replace("MISSING", str(tmp_path / "missing-model"))
+            .replace("MODEL", str(tmp_path / "llama3-8b")) for a in argv]
+    assert main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_no_gradient_checkpointing_in_the_config_is_pointed_out(tmp_path, capsys):
+    out = _estimate(capsys, _training_config(tmp_path, **{"train.gradient_checkpointing": False}))
+    assert out.startswith("note: ") and "gradient_checkpointing false" in out.splitlines()[0]
+
+
+def test_help_describes_the_command_and_every_option(capsys):
+    from qlora_trainer.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    estimate = commands.choices["estimate"]
+    assert estimate.description and "CONFIG.yaml" in estimate.description
+    for action in estimate._actions:
+        assert action.help and len(action.help) > 10, action.dest
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tokens per sequence (default: data.max_seq_len of CONFIG, else 2048)" in text

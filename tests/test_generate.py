@@ -144,3 +144,40 @@ def test_cli_chat_keeps_the_conversation(capsys, monkeypatch, adapter, tokenizer
 def test_cli_needs_a_prompt_or_chat(capsys):
     assert main(["generate", "--base", str(ASSET)]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_cli_chat_no_history_answers_each_line_as_a_fresh_prompt(capsys, monkeypatch, adapter, tokenizer):
+    common = ["generate", "--base", str(ASSET), "--adapter", str(adapter), "--max-new-tokens", "6", "--dtype", "fp32",
+              "--device", "cpu"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nwhat is 2 + 3 ?\n\n"))
+    assert main([*common, "--chat", "--no-history"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert main([*common, "--prompt", "hello there"]) == 0
+    assert capsys.readouterr().out == first + "\n"
+    assert main([*common, "--prompt", "what is 2 + 3 ?"]) == 0
+    assert capsys.readouterr().out == second + "\n"  # the second line alone: what a fresh --prompt gives
+    model, _ = load_for_generation(ASSET, adapter, compute_dtype="fp32", device="cpu")
+    with_history = generate(model, tokenizer, [{"role": "user", "content": "hello there"},
+                                               {"role": "assistant", "content": first},
+                                               {"role": "user", "content": "what is 2 + 3 ?"}], max_new_tokens=6)
+    assert with_history != second  # so the history would have shown (test_cli_chat_keeps_the_conversation)
+
+
+def test_cli_chat_system_message_is_kept_without_history(capsys, monkeypatch, adapter, tokenizer):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nhello there\n"))
+    assert main(["generate", "--base", str(ASSET), "--adapter", str(adapter), "--chat", "--no-history", "--prompt",
+                 "you are a cat", "--max-new-tokens", "6", "--dtype", "fp32", "--device", "cpu"]) == 0
+    model, _ = load_for_generation(ASSET, adapter, compute_dtype="fp32", device="cpu")
+    alone = generate(model, tokenizer, [{"role": "system", "content": "you are a cat"},
+                                        {"role": "user", "content": "hello there"}], max_new_tokens=6)
+    assert capsys.readouterr().out == f"{alone}\n{alone}\n"  # the same line twice: the same answer
+
+
+def test_cli_chat_help_says_the_history_is_kept(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Each reply sees the whole conversation so far" in text and "--no-history" in text
+    assert main(["generate", "--base", str(ASSET), "--prompt", "hi", "--no-history"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-history goes with --chat" in err

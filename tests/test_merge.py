@@ -20,7 +20,7 @@ from qlora_trainer.adapter import load_adapter_into
 from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
-from qlora_trainer.merge import merge, verify
+from qlora_trainer.merge import merge, verify, verify_verdict
 from tests.helpers import ASSET, REPO, TINY, logits_of, random_ids, write_peft_adapter, write_tiny_llama
 
 
@@ -373,3 +373,71 @@ def test_python_callers_read_argument_names_and_the_cli_reads_flags(tmp_path, ca
         RunSettings(seq_len=0)
     assert main(["estimate", "--model", str(ASSET), "--seq-len", "0"]) == 2
     assert "error: --seq-len must be a positive integer, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the verdict
+
+def _report(diff: float, top1: float = 1.0, dtype: str = "fp32") -> dict:
+    return {"max_abs_diff": diff, "mean_abs_diff": diff / 10, "top1_agreement": top1, "positions": 100, "dtype": dtype}
+
+
+@pytest.mark.parametrize("report, compute, passed, words", [
+    (_report(5e-5), "fp32", True, "PASS (top-1 agreement >= 99% and max |logit diff| < 0.001 for fp32 rounding)"),
+    (_report(0.04), "fp32", False, "FAIL: max |logit diff| 0.04 is not below 0.001"),
+    (_report(0.04), "bf16", True, "PASS (top-1 agreement >= 95% and max |logit diff| < 0.5 for bf16 rounding)"),
+    (_report(0.2, 0.97, "bf16"), "fp32", True, "for bf16 rounding"),
+    (_report(0.05, 0.97, "fp16"), "fp32", False, "FAIL: top-1 agreement 97.0% is below 98%"),
+    (_report(0.05, 0.99, "fp16"), "fp32", True, "< 0.1 for fp16 rounding"),
+    (_report(0.6, 0.9, "bf16"), "bf16", False, "top-1 agreement 90.0% is below 95% and max |logit diff| 0.6 is not"),
+    (_report(float("nan")), "fp32", False, "max |logit diff| nan is not below 0.001"),
+])
+def test_verdict_on_constructed_reports(report, compute, passed, words):
+    verdict = verify_verdict(report, into="dequantized", compute_dtype=compute)
+    assert verdict.passed is passed and words in verdict.line, verdict.line
+    assert verdict.line.startswith("verify: PASS" if passed else "verify: FAIL")
+
+
+def test_an_original_merge_gets_no_pass_or_fail():
+    verdict = verify_verdict(_report(1.9, 0.87), into="original")
+    assert verdict.passed is None and "no pass/fail for --into original" in verdict.line and "87.0%" in verdict.line
+
+
+def _merge_cli(adapter: Path, out: Path, *extra: str) -> list[str]:
+    return ["merge", "--base", str(ASSET), "--adapter", str(adapter), "--out", str(out), "--verify", "--quiet", *extra]
+
+
+def test_cli_verify_passes_fp32_and_bf16_merges(adapter_all, tmp_path, capsys):
+    assert main(_merge_cli(adapter_all, tmp_path / "fp32", "--dtype", "fp32", "--compute-dtype", "fp32")) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("verify: PASS (top-1 agreement >= 99% and max |logit diff| "
+                                                        "< 0.001 for fp32 rounding)")
+    # The default: the checkpoint's bf16, and bf16 compute assumed for PEFT's adapter (no record of ours).
+    assert main(_merge_cli(adapter_all, tmp_path / "bf16")) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("verify: PASS (top-1 agreement >= 95%")
+
+
+def test_cli_verify_fails_a_merge_that_lost_its_update_with_exit_code_1(adapter_all, tmp_path, capsys, monkeypatch):
+    from qlora_trainer import merge as merge_module
+
+    def without_update(weight, A, B, scale, **kwargs):  # a broken merge: the base weight as training saw it, no B @ A
+        kwargs.pop("quantized", None)
+        return merge_module.base_weight(weight, quantized=True, **kwargs)
+
+    monkeypatch.setattr(merge_module, "merge_weight", without_update)
+    code = main(_merge_cli(adapter_all, tmp_path / "broken", "--dtype", "fp32", "--compute-dtype", "fp32"))
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert out.splitlines()[-1].startswith("verify: FAIL: ") and "is not below 0.001" in out.splitlines()[-1]
+    assert (tmp_path / "broken" / "config.json").is_file()  # the folder stays, to inspect
+
+
+def test_cli_verify_of_an_original_merge_states_no_verdict(adapter_all, tmp_path, capsys):
+    assert main(_merge_cli(adapter_all, tmp_path / "orig", "--into", "original", "--dtype", "fp32")) == 0
+    assert "verify: no pass/fail for --into original" in capsys.readouterr().out
+
+
+def test_merge_help_states_the_tolerances(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "top-1 agreement >= 99% and max |logit diff| < 0.001 (fp32)" in text and "(bf16)" in text
+    assert "FAIL exits with code 1" in text and "--into original gets no pass/fail" in text

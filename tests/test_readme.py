@@ -34,3 +34,22 @@ def test_readme_says_where_models_come_from_and_where_paths_resolve():
            "the config file's folder" in readme
     assert "relative paths in `key=value` overrides are relative to the current folder" in readme
     assert "`OUT/config.yaml` with absolute paths" in readme
+
+
+def _section(text: str, start: str, end: str) -> str:
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def test_the_gpt2_example_says_it_is_under_trained():
+    """The README's GPT-2 commands end in a generate call that answers wrongly: the README and the config say so,
+    with the config's own step count, so a reader does not take the wrong answer for a bug."""
+    import yaml
+
+    section = _section((REPO / "README.md").read_text(), "## GPT-2 models and classifiers", "A classifier is")
+    assert 'generate --base assets/tiny-gpt2 --adapter runs/tiny-gpt2/adapter --prompt "reverse: c a t ="' in section
+    config_file = REPO / "configs" / "tiny-gpt2.yaml"
+    comment = " ".join(line.lstrip("# ") for line in config_file.read_text().splitlines() if line.startswith("#"))
+    steps = yaml.safe_load(config_file.read_text())["train"]["max_steps"]
+    for text in (" ".join(section.split()), comment):
+        assert "under-trained" in text.lower() and f"{steps} steps" in text
+        assert "not a model that reverses letters" in text and "k q q" in text and "t a c" in text

@@ -12,10 +12,11 @@ import argparse
 import sys
 
 from qlora_trainer.cli import classify, data, estimate, generate, inspect, merge, summary, train
+from qlora_trainer.cli import eval as eval_command  # `eval` is a builtin: the module keeps the command's name
 from qlora_trainer.errors import ArgumentError, UserError
 
 COMMANDS = {"train": train, "data": data, "summary": summary, "merge": merge, "generate": generate,
-            "inspect": inspect, "classify": classify, "estimate": estimate}
+            "inspect": inspect, "classify": classify, "estimate": estimate, "eval": eval_command}
 
 
 class _CommandParser(argparse.ArgumentParser):

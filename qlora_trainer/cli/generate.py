@@ -27,8 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "adapters share a batch; prints each row with its completion as JSON lines")
     p.add_argument("--batch-size", type=int, default=16, help="rows per mixed batch with --prompts (default 16)")
     p.add_argument("--prompt", default=None, help="the user message (with --chat: a system message)")
-    p.add_argument("--chat", action="store_true", help="interactive: one user message per stdin line; an empty "
-                                                       "line or EOF ends it")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive: one user message per stdin line; an empty line or EOF ends it. Each reply sees "
+                        "the whole conversation so far (every earlier message and reply, and the --prompt system "
+                        "message), so earlier turns steer later ones; see --no-history")
+    p.add_argument("--no-history", action="store_true",
+                   help="with --chat: answer each line on its own, as --prompt LINE would (the --prompt system "
+                        "message is kept; earlier lines and replies are not sent)")
     p.add_argument("--no-chat-template", action="store_true", help="feed --prompt as plain text, no chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample")
@@ -55,6 +60,8 @@ def _run_single(args: argparse.Namespace, adapter: str | None) -> int:
 
     if args.prompt is None and not args.chat:
         raise UserError("give --prompt TEXT, or --chat for an interactive conversation")
+    if args.no_history and not args.chat:
+        raise UserError("--no-history goes with --chat (a single --prompt has no history)")
     model, tokenizer = load_for_generation(args.base, adapter, compute_dtype=args.dtype, device=args.device)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stream=_print)
@@ -62,9 +69,8 @@ def _run_single(args: argparse.Namespace, adapter: str | None) -> int:
         generate(model, tokenizer, args.prompt, chat=False if args.no_chat_template else None, **options)
         _print("\n")
         return 0
-    messages: list[dict[str, str]] = []
-    if args.prompt is not None:
-        messages.append({"role": "system", "content": args.prompt})
+    system = [] if args.prompt is None else [{"role": "system", "content": args.prompt}]
+    messages: list[dict[str, str]] = list(system)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -72,7 +78,12 @@ def _run_single(args: argparse.Namespace, adapter: str | None) -> int:
         line = sys.stdin.readline()
         if not line.strip():  # EOF or an empty line ends the conversation
             return 0
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        user = {"role": "user", "content": line.rstrip("\n")}
+        if args.no_history:  # each line alone, with the same seed: what `--prompt LINE` gives
+            generate(model, tokenizer, system + [user], **options)
+            _print("\n")
+            continue
+        messages.append(user)
         reply = generate(model, tokenizer, messages, **options)
         _print("\n")
         messages.append({"role": "assistant", "content": reply})

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from qlora_trainer.names import DTYPE_NAMES
 
 HELP = "fold an adapter into its base and write a standard model folder"
 DESCRIPTION = ("Stream the base checkpoint shard by shard, add scale * B @ A to each LoRA target, and write a folder "
-               "plain transformers loads.")
+               "plain transformers loads. With --verify, exit code 1 when the merged model fails the check.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,14 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else bf16; CPU training uses fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     p.add_argument("--verify", action="store_true",
-                   help="compare logits of quantized base + adapter and the merged model on a few prompts")
+                   help="compare the logits of quantized base + adapter and of the merged model (both computed in "
+                        "fp32) on a few prompts, then print PASS or FAIL. A dequantized merge passes when, for the "
+                        "least precise of --dtype and --compute-dtype, top-1 agreement >= 99%% and max |logit diff| "
+                        "< 0.001 (fp32), >= 98%% and < 0.1 (fp16), >= 95%% and < 0.5 (bf16): what rounding the "
+                        "merged weights allows. FAIL exits with code 1 and keeps the folder. --into original gets no "
+                        "pass/fail: it is meant to differ from the quantized model by the NF4 rounding")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from qlora_trainer import progress
+    from qlora_trainer.adapter import read_adapter
     from qlora_trainer.base_model import resolve_base
-    from qlora_trainer.merge import merge, verify
+    from qlora_trainer.merge import adapter_compute_dtype, merge, verify, verify_verdict
 
     base = resolve_base(args.base)
     out = merge(base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
@@ -42,4 +49,9 @@ def run(args: argparse.Namespace) -> int:
         report = verify(base, args.adapter, out)
         print(f"verify: {report['positions']} positions, max |logit diff| {report['max_abs_diff']:.3g}, "
               f"mean {report['mean_abs_diff']:.3g}, top-1 agreement {100 * report['top1_agreement']:.1f}%")
+        compute = args.compute_dtype or adapter_compute_dtype(read_adapter(args.adapter), Path(args.adapter))
+        verdict = verify_verdict(report, into=args.into, compute_dtype=compute)
+        print(verdict.line)
+        if verdict.passed is False:
+            return 1  # not bad input (2): the merge ran, and its result does not match
     return 0
