@@ -77,9 +77,10 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         ) from None
 
 
-def download_command(repo_id: str) -> str:
-    """The command line that puts `repo_id` into the local cache with the installed huggingface_hub: `hf download`
-    (huggingface_hub >= 1.0 has only `hf`), or `huggingface-cli download` where only that one is installed."""
+def download_command(repo_id: str, *, dataset: bool = False) -> str:
+    """The command line that puts `repo_id` (a model, or a dataset) into the local cache with the installed
+    huggingface_hub: `hf download` (huggingface_hub >= 1.0 has only `hf`), or `huggingface-cli download` where only
+    that one is installed."""
     from importlib import metadata
 
     try:
@@ -88,7 +89,7 @@ def download_command(repo_id: str) -> str:
     except metadata.PackageNotFoundError:
         scripts = set()
     tool = "huggingface-cli" if "huggingface-cli" in scripts and "hf" not in scripts else "hf"
-    return f"{tool} download {repo_id}"
+    return f"{tool} download {repo_id}" + (" --repo-type dataset" if dataset else "")
 
 
 def read_raw_config(model_dir: Path) -> dict:

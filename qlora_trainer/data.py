@@ -186,13 +186,16 @@ def _load_cached_hub_dataset(name: str):
     import datasets
     import huggingface_hub.constants as hub_constants
 
+    from qlora_trainer.base_model import download_command
+
     saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
     try:
         return datasets.load_dataset(name, split="train")
     except Exception as err:  # offline load failures come in many types
         raise UserError(f"data file {name} not found, and no dataset of that name is in the local cache "
-                        f"(nothing is downloaded): use a local file or download it first") from err
+                        f"(nothing is downloaded at run time): use a local file, or download it first with "
+                        f"`{download_command(name, dataset=True)}`") from err
     finally:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
@@ -524,8 +527,9 @@ def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labe
     train, _, stats = build_datasets(unpacked, tokenizer, seed, num_labels)
     if data_cfg.packing and data_cfg.format != CLASSIFICATION:
         stats.packed_rows = len(pack(train, data_cfg.max_seq_len))
-    parts = [f"data: {data_cfg.path} (format {data_cfg.format}, max_seq_len {data_cfg.max_seq_len}); "
-             f"trained tokens are shown in [[...]]"]
+    shown = ("each text is followed by its label id" if data_cfg.format == CLASSIFICATION
+             else "trained tokens are shown in [[...]]")
+    parts = [f"data: {data_cfg.path} (format {data_cfg.format}, max_seq_len {data_cfg.max_seq_len}); {shown}"]
     for i, ex in enumerate(train[:n]):
         parts.append(f"--- example {i + 1} ({len(ex['input_ids'])} tokens) ---\n{render_example(ex, tokenizer)}")
     parts.append("--- statistics ---\n" + stats.summary())

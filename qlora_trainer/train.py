@@ -327,7 +327,7 @@ class Run:
         """OUT/adapter and OUT/loss.png, the adapter's rank verdict in the log, and the result."""
         with phase(f"saving the adapter to {self.out / ADAPTER_DIR}", self.log):
             self._save_adapter()
-        self.log(f"adapter rank: {verdict(model_spectra(self.model))}; "
+        self.log(f"adapter: {verdict(model_spectra(self.model))}; "
                  f"details: qlora-trainer inspect {self.out / ADAPTER_DIR}")
         return TrainResult(self.out, self.max_steps, self.loss, self.eval_metrics.get("eval_loss"),
                            self.skipped, self.history, self.eval_metrics, self.trainable_params, self.total_params,

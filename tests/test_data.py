@@ -260,8 +260,9 @@ def test_bad_files_name_the_file(tmp_path):
         load_rows(str(other))
     with pytest.raises(UserError, match="not a dataset saved with save_to_disk"):
         load_rows(str(tmp_path))
-    with pytest.raises(UserError, match="not in the local cache|no dataset of that name is in the local cache"):
+    with pytest.raises(UserError, match="not in the local cache|no dataset of that name is in the local cache") as err:
         load_rows("someone/not-a-cached-dataset")  # hub ids: offline, cache only
+    assert "`hf download someone/not-a-cached-dataset --repo-type dataset`" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------- eval split
@@ -385,8 +386,10 @@ def test_preview_marks_trained_tokens_and_reports_statistics(tmp_path, tok):
 def test_classification_statistics_count_labelled_examples_not_trained_tokens(tmp_path, tok):
     rows = [{"text": "the cat sat", "label": "pos"}, {"text": "the dog", "label": "neg"},
             {"text": "ok ok ok", "label": "pos"}]
-    text = preview(DataConfig(path=write_jsonl(tmp_path / "c.jsonl", rows), format="classification",
-                              eval_fraction=0), tok).split("--- statistics ---\n")[1]
+    shown = preview(DataConfig(path=write_jsonl(tmp_path / "c.jsonl", rows), format="classification",
+                               eval_fraction=0), tok)
+    assert "trained tokens" not in shown.splitlines()[0] and "each text is followed by its label id" in shown
+    text = shown.split("--- statistics ---\n")[1]
     assert "trained tokens" not in text  # was "trained tokens: 0": a classifier trains on labels
     assert "train tokens per example: min 3, mean 3.7, median 4, max 4\n" in text
     assert "rows read: 3; train examples: 3; eval examples: 0" in text
