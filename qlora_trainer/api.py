@@ -8,6 +8,7 @@
     train(cfg) -> TrainResult; Run(cfg)                                 a training run, whole or step by step
     merge(base, adapter, out) / verify(base, adapter, merged)           a standard transformers model folder
     load_for_generation(base, adapter) / generate(model, tokenizer, prompt)
+    evaluate_dataset(base, adapter, data_config(path, adapter=adapter))  loss, perplexity (accuracy) on a dataset
     estimate_memory(config_json_dict, RunSettings(...))                 GPU memory of a run, before it runs
     UserError                                                            the one exception a user should see
 
@@ -18,6 +19,7 @@ from qlora_trainer.adapter import load_adapter_into, read_adapter, save_adapter
 from qlora_trainer.config import RunConfig, load_config
 from qlora_trainer.errors import UserError
 from qlora_trainer.estimate import RunSettings, estimate_memory
+from qlora_trainer.evaluation import data_config, evaluate_dataset
 from qlora_trainer.generate import generate, load_for_generation
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora
@@ -26,4 +28,4 @@ from qlora_trainer.train import Run, TrainResult, train
 
 __all__ = ["load_quantized", "apply_lora", "save_adapter", "load_adapter_into", "read_adapter", "RunConfig",
            "load_config", "train", "Run", "TrainResult", "merge", "verify", "generate", "load_for_generation",
-           "RunSettings", "estimate_memory", "UserError"]
+           "evaluate_dataset", "data_config", "RunSettings", "estimate_memory", "UserError"]
