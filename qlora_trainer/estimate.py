@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qlora_trainer.config import looks_like_hub_id
 from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.names import ALL_LINEAR, AUTO, DTYPE_BYTES, MODEL_CONFIG_FILE, NF4_BLOCKSIZE, OPTIMIZERS
 
@@ -208,8 +209,7 @@ def read_config_json(model: str | Path) -> tuple[dict[str, Any], Path]:
 
 
 def _config_from_hub_cache(model: str) -> Path:
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if looks_like_hub_id:
+    if looks_like_hub_id(model):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(model, MODEL_CONFIG_FILE)
