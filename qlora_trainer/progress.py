@@ -33,6 +33,12 @@ def bars() -> bool:
     return _is_terminal(sys.stderr) and _is_terminal(sys.stdout)
 
 
+def say(text: str) -> None:
+    """Print a line and flush it: under nohup or a scheduler stdout is block-buffered, and a progress line that
+    waits in a buffer for minutes is no progress line."""
+    print(text, flush=True)
+
+
 def _is_terminal(stream) -> bool:
     try:
         return stream is not None and stream.isatty()

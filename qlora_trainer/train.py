@@ -34,7 +34,7 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict, trainable_parameter_summary
 from qlora_trainer.names import ADAPTER_DIR, CHECKPOINTS_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
-from qlora_trainer.progress import bars, phase, training_line
+from qlora_trainer.progress import bars, phase, say, training_line
 from qlora_trainer.quant import make_optimizer
 from qlora_trainer.spectrum import model_spectra, verdict
 from qlora_trainer.stopping import Interrupted, StopRequest
@@ -90,7 +90,7 @@ def check_output_folder(cfg: RunConfig) -> Path:
     return out
 
 
-def train(cfg: RunConfig, *, progress: bool | None = None, log=print, stop: StopRequest | None = None) -> TrainResult:
+def train(cfg: RunConfig, *, progress: bool | None = None, log=say, stop: StopRequest | None = None) -> TrainResult:
     """Fine-tune as `cfg` says into cfg.out, which this run holds locked (see lock.py) until it returns.
 
     progress: tqdm bars (True) or plain lines through `log` every train.log_every steps (False); None: the rule of
@@ -112,7 +112,7 @@ class Run:
     _make_optimizer, _resume); fit() runs step() per optimizer step with evaluation, logging and checkpoints, then
     finish(). self.train_cfg is cfg.train with max_steps resolved (from train.epochs when that is set)."""
 
-    def __init__(self, cfg: RunConfig, *, progress: bool | None = None, log=print, stop: StopRequest | None = None):
+    def __init__(self, cfg: RunConfig, *, progress: bool | None = None, log=say, stop: StopRequest | None = None):
         self.cfg, self.out, self.log, self.stop = cfg, Path(cfg.out), log, stop
         self.progress = bars() if progress is None else progress
         self.task = tasks.get(cfg.model.task)

@@ -141,3 +141,33 @@ def test_the_bar_shows_the_latest_eval_loss(tmp_path, monkeypatch):
     assert "eval_loss" not in shown[0]
     evals = [r["eval_loss"] for r in result.history if "eval_loss" in r]
     assert [p["eval_loss"] for p in shown[1:]] == [f"{evals[0]:.4f}", f"{evals[0]:.4f}", f"{evals[1]:.4f}"]
+
+
+class _FlushRecorder(io.StringIO):
+    """A stdout that records where the text stood at every flush."""
+
+    def __init__(self):
+        super().__init__()
+        self.flushed_at: list[int] = []
+
+    def flush(self):
+        self.flushed_at.append(len(self.getvalue()))
+        super().flush()
+
+
+@pytest.mark.slow
+def test_plain_lines_are_flushed_as_they_are_written(tmp_path, monkeypatch):
+    """Under nohup or a scheduler stdout is a block-buffered file: each progress line must be flushed when written,
+    not when the buffer fills or the run ends."""
+    cfg = build_config({"model.path": str(ASSET), "model.compute_dtype": "fp32", "data.path": str(DEMO / "train.jsonl"),
+                        "data.format": "chat", "data.eval_fraction": 0.01, "data.max_seq_len": 64, "lora.r": 4,
+                        "train.optimizer": "adamw", "train.batch_size": 4, "train.grad_accum": 1,
+                        "train.max_steps": 3, "train.eval_every": 100, "train.log_every": 1, "train.warmup_steps": 1,
+                        "out": str(tmp_path / "run")})
+    recorder = _FlushRecorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    train_mod.train(cfg, progress=False)  # the default log, as the CLI runs it
+    text = recorder.getvalue()
+    ends = [m.end() for m in re.finditer(r"^(step \d+/3 |training steps ).*\n", text, re.M)]
+    assert len(ends) == 5, text  # "training steps 1 to 3 ...", three step lines, "... done in"
+    assert set(ends) <= set(recorder.flushed_at)
