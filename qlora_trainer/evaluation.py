@@ -25,7 +25,7 @@ from qlora_trainer.base_model import BaseModel, resolve_base
 from qlora_trainer.config import ConfigError, DataConfig, load_config
 from qlora_trainer.data import FILE_BUILDERS, build_datasets, load_tokenizer, pad_token_id
 from qlora_trainer.errors import ArgumentError
-from qlora_trainer.names import CAUSAL_LM, CLASSIFICATION, DATA_FORMATS, RUN_CONFIG_FILE
+from qlora_trainer.names import CAUSAL_LM, CLASSIFICATION, DATA_FORMATS, IGNORE_INDEX, RUN_CONFIG_FILE
 
 # DataConfig key -> the argument of data_config that sets it
 _ARGUMENTS = {"data.path": "data_path", "data.format": "data_format", "data.max_seq_len": "max_seq_len"}
@@ -117,7 +117,7 @@ def evaluate_dataset(base: str | os.PathLike | BaseModel, adapter: str | os.Path
         result.update(accuracy=metrics["eval_accuracy"], correct=round(metrics["eval_accuracy"] * len(examples)),
                       macro_f1=metrics["eval_f1"])
     else:
-        result["tokens"] = sum(sum(label != -100 for label in e["labels"]) for e in examples)
+        result["tokens"] = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples)
         result["perplexity"] = math.exp(result["loss"]) if result["loss"] < 700 else math.inf
     return result
 
