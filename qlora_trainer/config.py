@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from qlora_trainer import atomic
-from qlora_trainer.names import (ALL_LINEAR, ATTN_IMPLEMENTATIONS, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DATA_FORMATS, OPTIMIZERS,
-                                 RUN_CONFIG_FILE, SCHEDULES, TASKS)
+from qlora_trainer.names import (ALL_LINEAR, ATTN_IMPLEMENTATIONS, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES,
+                                 DATA_FORMATS, OPTIMIZERS, RUN_CONFIG_FILE, SCHEDULES, TASKS)
 from qlora_trainer.errors import UserError
 
 REQUIRED_KEYS = ("model.path", "data.path", "out")

@@ -34,7 +34,8 @@ from qlora_trainer import libc, quant
 from qlora_trainer.base_model import BaseModel, checkpoint_files, resolve_base, stream_tensors
 from qlora_trainer.errors import UserError
 from qlora_trainer.lora import linear_shape
-from qlora_trainer.names import ATTN_IMPLEMENTATIONS, AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES, torch_dtype
+from qlora_trainer.names import (ATTN_IMPLEMENTATIONS, AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES,
+                                 torch_dtype)
 
 MODEL_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, CLASSIFICATION: AutoModelForSequenceClassification}
 LOAD_INFO_ATTR = "qlora_load_info"
