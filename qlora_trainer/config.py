@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from qlora_trainer import atomic
-from qlora_trainer.names import (ALL_LINEAR, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DATA_FORMATS, OPTIMIZERS,
-                                 RUN_CONFIG_FILE, SCHEDULES, TASKS)
+from qlora_trainer.names import (ALL_LINEAR, ATTN_IMPLEMENTATIONS, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES,
+                                 DATA_FORMATS, OPTIMIZERS, RUN_CONFIG_FILE, SCHEDULES, TASKS)
 from qlora_trainer.errors import UserError
 
 REQUIRED_KEYS = ("model.path", "data.path", "out")
@@ -126,12 +126,14 @@ class ModelConfig(_Section):
     task: str = CAUSAL_LM
     num_labels: typing.Optional[int] = None  # classification only; else from the data
     trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto = sdpa where the architecture has it, else eager; or force one
     _section = "model"
 
     def _check(self):
         self._need("path", bool(self.path), "a model folder or hub id", "/models/llama3-8b")
         self._choice("compute_dtype", COMPUTE_DTYPES)
         self._choice("task", TASKS)
+        self._choice("attn_implementation", ATTN_IMPLEMENTATIONS)
         self._need("num_labels", self.num_labels is None or self.num_labels >= 2, "at least 2 (or null)", 2)
 
 

@@ -15,8 +15,11 @@ were created fresh) is a LoadInfo, kept on the model as `model.qlora_load_info` 
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +34,12 @@ from qlora_trainer import libc, quant
 from qlora_trainer.base_model import BaseModel, checkpoint_files, resolve_base, stream_tensors
 from qlora_trainer.errors import UserError
 from qlora_trainer.lora import linear_shape
-from qlora_trainer.names import AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES, torch_dtype
+from qlora_trainer.names import (ATTN_IMPLEMENTATIONS, AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES,
+                                 torch_dtype)
 
 MODEL_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, CLASSIFICATION: AutoModelForSequenceClassification}
 LOAD_INFO_ATTR = "qlora_load_info"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class LoadInfo:
     swapped: dict[str, str]  # path of each 4-bit linear -> what it replaced: "linear" or "conv1d" (GPT-2)
     source: Path | None  # the model folder (None: random weights)
     new_params: set[str] = field(default_factory=set)  # created fresh, not read from the checkpoint (a new head)
+    attn_implementation: str = "sdpa"  # what transformers runs attention with (model.attn_implementation resolved)
 
 
 def load_info(model: nn.Module) -> LoadInfo:
@@ -72,20 +78,38 @@ def resolve_dtype(compute_dtype: str | torch.dtype | None, device: torch.device)
 
 
 def build_empty_model(config: PretrainedConfig, *, task: str = CAUSAL_LM, num_labels: int | None = None,
-                      compute_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+                      compute_dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                      attn_implementation: str = AUTO) -> nn.Module:
     """The transformers model for `config` with every parameter on the meta device (buffers stay real).
-    Changes `config` (num_labels, a classifier's pad_token_id): pass a copy you can give away."""
+    Changes `config` (num_labels, a classifier's pad_token_id): pass a copy you can give away.
+
+    attn_implementation (model.attn_implementation): auto lets transformers decide (sdpa where the architecture
+    supports it, else eager: its own answer, see chosen_attn_implementation); any other value is passed as is, and
+    one the architecture or the environment cannot run is a UserError naming the key and what to use instead."""
     if task not in MODEL_CLASSES:
         raise UserError(f"unknown model.task {task!r}: use one of {', '.join(MODEL_CLASSES)}")
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"unknown model.attn_implementation {attn_implementation!r}: "
+                        f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     auto_cls = MODEL_CLASSES[task]
     if num_labels is not None:
         config.num_labels = num_labels
-    try:
+    requested = None if attn_implementation == AUTO else attn_implementation  # None: transformers' own default
+
+    def build(cfg: PretrainedConfig, attn: str | None) -> nn.Module:
         # Buffers (rotary inv_freq) are computed in __init__ and are not in checkpoints: keep them real.
         with init_empty_weights(include_buffers=False):
-            model = auto_cls.from_config(config, dtype=compute_dtype, attn_implementation="sdpa",
-                                         trust_remote_code=trust_remote_code)
-    except ValueError as err:
+            return auto_cls.from_config(cfg, dtype=compute_dtype, attn_implementation=attn,
+                                        trust_remote_code=trust_remote_code)
+
+    spare = copy.deepcopy(config) if requested is not None else None  # to tell an attention error from the rest
+    try:
+        model = build(config, requested)
+    except (ValueError, ImportError) as err:
+        if requested is not None:
+            _raise_if_attention_error(requested, err, lambda: build(spare, None))
+        if isinstance(err, ImportError):
+            raise
         raise UserError(
             f"unsupported architecture {type(config).__name__} (model_type={config.model_type!r}) "
             f"for task {task}: {err}"
@@ -94,6 +118,29 @@ def build_empty_model(config: PretrainedConfig, *, task: str = CAUSAL_LM, num_la
         # The head pools the last non-padding token; without a pad id transformers cannot find it in a batch.
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
     return model
+
+
+def chosen_attn_implementation(model: nn.Module) -> str:
+    """The attention implementation transformers set up for `model` ("sdpa", "eager", "flash_attention_2")."""
+    return model.config._attn_implementation
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of a transformers error, on one line (its messages go on with links and examples)."""
+    text = " ".join(str(err).split())
+    return text.split(". ", 1)[0].rstrip(".")
+
+
+def _raise_if_attention_error(requested: str, err: BaseException, build_default) -> None:
+    """`requested` failed with `err`: when transformers' default builds the same model, the attention choice was the
+    problem, and the UserError says so and what to use instead. Otherwise return (the architecture itself failed)."""
+    try:
+        model = build_default()
+    except (ValueError, ImportError):
+        return
+    default = chosen_attn_implementation(model)
+    raise UserError(f"model.attn_implementation={requested}: {_first_sentence(err)}; use model.attn_implementation="
+                    f"auto (it picks {default} for {type(model).__name__}) or {default}") from None
 
 
 def meta_model(base: str | os.PathLike | BaseModel, **kwargs) -> nn.Module:
@@ -247,15 +294,26 @@ def _share_parameter(model: nn.Module, target: str, source: str) -> None:
 def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | torch.dtype | None = None,
                    device: str | torch.device | None = None, task: str = CAUSAL_LM,
                    num_labels: int | None = None, trust_remote_code: bool = False,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, attn_implementation: str = AUTO,
+                   log: Callable[[str], None] | None = None) -> nn.Module:
     """Load a model folder, a cached hub id or a resolved BaseModel as NF4, ready for `apply_lora`. Frozen, eval
-    mode; `load_info(model)` says what was done."""
+    mode; `load_info(model)` says what was done.
+
+    attn_implementation: model.attn_implementation (auto, sdpa, eager, flash_attention_2). When auto cannot use sdpa
+    for the architecture, one line says what it uses instead, through `log` (default: this module's logger, info)."""
     device = resolve_device(device)
     dtype = resolve_dtype(compute_dtype, device)
+    if attn_implementation == "flash_attention_2" and device.type != "cuda":
+        raise UserError(f"model.attn_implementation=flash_attention_2 needs a CUDA GPU, and this model is loaded on "
+                        f"{device.type}: use model.attn_implementation=auto (sdpa, or eager where the architecture "
+                        "has no sdpa)")
     base = resolve_base(path, trust_remote_code=trust_remote_code)
     model = build_empty_model(base.fresh_config(), task=task, num_labels=num_labels, compute_dtype=dtype,
-                              trust_remote_code=base.trust_remote_code)
-    info = LoadInfo(swap_in_nf4_linears(model, dtype), base.path)
+                              trust_remote_code=base.trust_remote_code, attn_implementation=attn_implementation)
+    info = LoadInfo(swap_in_nf4_linears(model, dtype), base.path, attn_implementation=chosen_attn_implementation(model))
+    if attn_implementation == AUTO and info.attn_implementation != "sdpa":
+        (log or logger.info)(f"attention: {info.attn_implementation} (model.attn_implementation=auto: transformers has "
+                             f"no sdpa attention for {type(model).__name__})")
     if task == CLASSIFICATION:
         info.new_params = _init_new_head(model, info, dtype, device)
     fill_from_checkpoint(model, info, device, dtype, progress=progress)
@@ -306,7 +364,7 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
         value = _random_like(name, shapes[name], dtype, device, generator, std)
         _set_tensor(model, name, value, swapped, device, dtype)
     _tie_and_check_missing(model, shapes, {n for n in shapes if not _is_meta(model, n)}, Path("<random>"))
-    return _finish(model, LoadInfo(swapped, None), device)
+    return _finish(model, LoadInfo(swapped, None, attn_implementation=chosen_attn_implementation(model)), device)
 
 
 def _random_like(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,

@@ -36,14 +36,15 @@ from qlora_trainer.config import recorded_compute_dtype
 from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
                                    swap_in_nf4_linears)
-from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES, DTYPE_NAMES,
-                                 MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES, dtype_name, torch_dtype)
+from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES,
+                                 DTYPE_NAMES, MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES, RUN_CONFIG_FILE,
+                                 dtype_name, torch_dtype)
 from qlora_trainer.shards import ShardWriter, header_entries, itemsize, parse_size, shard_name
 from qlora_trainer.tasks.base import Task
 
 INTO = ("dequantized", "original")
 DEFAULT_SHARD_SIZE = "5GB"
-# When the adapter does not record the compute dtype it was trained with, assume the GPU default (bf16).
+# When neither the adapter nor the base's config.json says the compute dtype, assume the GPU default (bf16).
 ASSUMED_COMPUTE_DTYPE = "bf16"
 # Files copied from the base folder as they are: generation defaults, tokenizer and chat template.
 COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -245,16 +246,46 @@ def _dtype_argument(value: str | torch.dtype | None, argument: str) -> torch.dty
 
 # ---------------------------------------------------------------------------------------- public entry points
 
-def adapter_compute_dtype(adapter: Adapter, adapter_dir: Path) -> str:
-    """The compute dtype the adapter was trained with: recorded with it (ours), or `model.compute_dtype` of the
-    run's config.yaml (runs/x/adapter, runs/x/checkpoints/step-N); else bf16, the GPU default."""
+@dataclass(frozen=True)
+class ComputeDtype:
+    """The compute dtype a merge uses for an adapter, and where it came from."""
+
+    name: str  # bf16 | fp16 | fp32
+    source: str  # where it came from, in words
+    assumed: bool  # nothing recorded with the adapter says so: `merge` prints `assumed_line` naming --compute-dtype
+
+    @property
+    def assumed_line(self) -> str:
+        return (f"merge: the adapter records no compute dtype (no {ADAPTER_RECORD_FILE}, no run {RUN_CONFIG_FILE}); "
+                f"assumed {self.name}, {self.source}: if training cast the base to another dtype before NF4, "
+                f"merge again with --compute-dtype {'|'.join(DTYPE_NAMES)}")
+
+
+def adapter_compute_dtype(adapter: Adapter, adapter_dir: Path, base: BaseModel | None = None) -> ComputeDtype:
+    """The compute dtype the adapter was trained with (what training cast the weights to before NF4), first found of:
+
+    1. recorded with it (ours: qlora_trainer.json);
+    2. `model.compute_dtype` of the run's config.yaml (runs/x/adapter, runs/x/checkpoints/step-N), unless `auto`;
+    3. an assumption (`assumed`, which `merge` says in one line): PEFT's adapter_config.json records no dtype, so
+       the base's config.json `dtype` (`torch_dtype` from transformers 4.x): transformers 5's from_pretrained loads
+       in that dtype by default (dtype="auto") and quantizes from it, so a PEFT QLoRA run that passed no dtype
+       trained on exactly these NF4 weights (fp32 for GPT-2 checkpoints; assuming bf16 there is a 6% logit error);
+    4. with no dtype in the base's config.json either, bf16 (ASSUMED_COMPUTE_DTYPE), the GPU default."""
     if adapter.compute_dtype in DTYPE_NAMES:  # recorded by save_adapter in qlora_trainer.json
-        return adapter.compute_dtype
+        return ComputeDtype(adapter.compute_dtype, f"recorded in {ADAPTER_RECORD_FILE}", assumed=False)
     for run_dir in (adapter_dir.parent, adapter_dir.parent.parent.parent):
         recorded = recorded_compute_dtype(run_dir)
         if recorded in DTYPE_NAMES:
-            return recorded
-    return ASSUMED_COMPUTE_DTYPE
+            return ComputeDtype(recorded, f"model.compute_dtype of {run_dir / RUN_CONFIG_FILE}", assumed=False)
+    if base is not None:
+        raw = base.raw_config
+        config_dtype = raw.get("dtype") or raw.get("torch_dtype")
+        name = {v: k for k, v in CONFIG_DTYPE_NAMES.items()}.get(config_dtype)
+        if name is not None:
+            return ComputeDtype(name, f"the dtype of the base's {MODEL_CONFIG_FILE} ({config_dtype}), which "
+                                      "transformers loads and quantizes it in by default", assumed=True)
+    return ComputeDtype(ASSUMED_COMPUTE_DTYPE, f"the GPU default (the base's {MODEL_CONFIG_FILE} names no dtype)",
+                        assumed=True)
 
 
 def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: str | os.PathLike, *,
@@ -264,7 +295,8 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
     """Write base + adapter as a standard transformers model folder at `out`. Returns `out`.
 
     dtype: output dtype of floating tensors (default: each keeps the checkpoint's dtype).
-    compute_dtype: the dtype training cast weights to before NF4 (default: recorded in the adapter, else bf16)."""
+    compute_dtype: the dtype training cast weights to before NF4 (default: adapter_compute_dtype's rule: recorded
+    with the adapter or its run, else the base's config.json dtype, else bf16)."""
     if into not in INTO:
         raise ArgumentError("into", f"{{arg}} {into!r}: use one of {', '.join(INTO)}")
     out = Path(out)
@@ -283,7 +315,8 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
         raise UserError(f"{adapter_obj.file(ADAPTER_CONFIG_FILE)}: task_type {task_type}: merge writes causal LMs and "
                         "classifiers (SEQ_CLS) only; use the base + adapter as they are")
     task = tasks.for_adapter(adapter_obj)
-    compute = _dtype_argument(compute_dtype or adapter_compute_dtype(adapter_obj, adapter_dir), "compute_dtype")
+    compute = _dtype_argument(compute_dtype or adapter_compute_dtype(adapter_obj, adapter_dir, base).name,
+                              "compute_dtype")
     entries = _plan(base, adapter_obj, task, out_dtype, compute)
     verify_weights_checksum(adapter_obj)  # after the plan's checks, which name a wrong base or shape more precisely
     shards = _layout(entries, parse_size(max_shard_size))

@@ -44,6 +44,8 @@ CLASSIFICATION = "classification"
 TASKS = (CAUSAL_LM, CLASSIFICATION)
 # PEFT's task_type for each task, as written in adapter_config.json.
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
+# model.attn_implementation: auto = sdpa where transformers has it for the architecture, else what it has (eager).
+ATTN_IMPLEMENTATIONS = (AUTO, "sdpa", "eager", "flash_attention_2")
 DATA_FORMATS = ("text", "alpaca", "completion", "chat", "classification")
 
 # ------------------------------------------------------------------------------------------ LoRA and NF4

@@ -179,6 +179,7 @@ class Run:
         with phase(f"loading the model {self.base.name}", self.log):
             self.model = load_quantized(self.base, compute_dtype=cfg.model.compute_dtype,
                                         device=self.accelerator.device, progress=self.progress,
+                                        attn_implementation=cfg.model.attn_implementation, log=self.log,
                                         **self.task.model_kwargs(labels=self.labels))
         self._apply_lora()
         full = self.task.prepare_model(self.model, self.labels, self.pad_id)  # a head: fp32, trained in full

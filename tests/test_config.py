@@ -42,6 +42,13 @@ def test_defaults_match_the_design(cfg_file, tmp_path):
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.resume is False  # relative: against the file's folder
 
 
+def test_attn_implementation_defaults_to_auto_and_takes_each_choice(cfg_file):
+    assert load_config(cfg_file(), []).model.attn_implementation == "auto"
+    for choice in ("sdpa", "eager", "flash_attention_2"):
+        assert load_config(cfg_file(), [f"model.attn_implementation={choice}"]).model.attn_implementation == choice
+    assert "model.attn_implementation must be a string, got 2" in error(cfg_file(), ["model.attn_implementation=2"])
+
+
 def test_overrides_parse_with_yaml_rules_and_field_types(cfg_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(cfg_file(), ["lora.r=32", "data.packing=true", "lora.targets=[q_proj,v_proj]", "out=runs/y",
@@ -135,6 +142,7 @@ def test_impossible_value_in_the_file(cfg_file):
     ("data.format=sharegpt", "data.format", "text, alpaca, completion, chat, classification"),
     ("model.compute_dtype=bf32", "model.compute_dtype", "auto, bf16, fp16, fp32"),
     ("model.task=seq2seq", "model.task", "causal_lm, classification"),
+    ("model.attn_implementation=flash", "model.attn_implementation", "auto, sdpa, eager, flash_attention_2"),
 ])
 def test_unknown_enum_values_list_the_valid_ones(cfg_file, override, key, valid):
     assert f"{key} must be one of {valid}" in error(cfg_file(), [override])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -328,3 +329,117 @@ def test_random_weights_keep_tied_embeddings_tied_and_count_every_quantized_byte
             states += [value] if type(value) is type(layer.weight.quant_state) else []
     assert len(held) == 6  # packed codes, absmax, code table; offset, nested absmax, nested code table
     assert quant.quantized_bytes(layer) == sum(t.numel() * t.element_size() for t in held)
+
+
+# ------------------------------------------------------------------------------------------ model.attn_implementation
+
+GEMMA2 = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=32, vocab_size=256, max_position_embeddings=128, sliding_window=16, bos_token_id=1,
+              eos_token_id=2, pad_token_id=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2(tmp_path_factory):
+    """A random tiny Gemma 2 (bf16, with the word-level tokenizer): transformers 5 has no sdpa attention for it
+    (Gemma2PreTrainedModel._supports_sdpa is False: sdpa cannot apply its logit softcapping)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tests.helpers import make_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(**GEMMA2)).to(torch.bfloat16)
+    assert not model._supports_sdpa  # else this test needs another architecture without sdpa
+    folder = tmp_path_factory.mktemp("gemma2") / "m"
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_auto_attention_falls_back_to_eager_where_there_is_no_sdpa_and_matches_transformers(tiny_gemma2, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="qlora_trainer.loading"):
+        ours = load_quantized(tiny_gemma2, compute_dtype="fp32", device="cpu", progress=False)
+    said = [r.getMessage() for r in caplog.records if r.name == "qlora_trainer.loading"]
+    assert said == ["attention: eager (model.attn_implementation=auto: transformers has no sdpa attention for "
+                    "Gemma2ForCausalLM)"]
+    ref = transformers_nf4(tiny_gemma2)  # transformers' own default for Gemma 2: eager
+    assert ours.config._attn_implementation == ref.config._attn_implementation == "eager"
+    from qlora_trainer.loading import load_info
+    assert load_info(ours).attn_implementation == "eager"
+    ids = torch.randint(0, GEMMA2["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    explicit = load_quantized(tiny_gemma2, compute_dtype="fp32", device="cpu", progress=False,
+                              attn_implementation="eager")
+    with torch.no_grad():
+        assert torch.equal(explicit(ids).logits, ref(ids).logits)
+
+
+def test_auto_keeps_sdpa_where_the_architecture_has_it_and_says_nothing(tiny_llama, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="qlora_trainer.loading"):
+        model = load_quantized(tiny_llama, compute_dtype="fp32", device="cpu", progress=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert not [r for r in caplog.records if r.name == "qlora_trainer.loading"]
+
+
+ATTN_ERRORS = {
+    "sdpa": r"^model\.attn_implementation=sdpa: Gemma2ForCausalLM does not support an attention implementation "
+            r"through torch\.nn\.functional\.scaled_dot_product_attention yet; use model\.attn_implementation=auto "
+            r"\(it picks eager for Gemma2ForCausalLM\) or eager$",
+    "flash_attention_2": r"^model\.attn_implementation=flash_attention_2 needs a CUDA GPU, and this model is loaded on "
+                         r"cpu: use model\.attn_implementation=auto",
+}
+
+
+@pytest.mark.parametrize("attn", list(ATTN_ERRORS))
+def test_an_attention_the_model_or_machine_cannot_run_is_one_clear_error(tiny_gemma2, tmp_path, capsys, attn):
+    from qlora_trainer.cli import main
+
+    with pytest.raises(UserError, match=ATTN_ERRORS[attn]):
+        load_quantized(tiny_gemma2, compute_dtype="fp32", device="cpu", progress=False, attn_implementation=attn)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": "the cat sat . the dog ran ."}) + "\n" for _ in range(8)))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model: {{path: {tiny_gemma2}}}\ndata: {{path: {rows}, format: text, max_seq_len: 16}}\n"
+                      f"out: {tmp_path / 'run'}\ntrain: {{max_steps: 1, grad_accum: 1, optimizer: adamw}}\n")
+    capsys.readouterr()
+    assert main(["train", str(config), f"model.attn_implementation={attn}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert re.search(ATTN_ERRORS[attn].lstrip("^"), err.removeprefix("error: ").strip()), err
+
+
+def test_flash_attention_on_a_gpu_without_the_flash_attn_package_is_one_clear_error(tiny_gemma2):
+    """What the machine cannot run past the device check: build_empty_model asks transformers, which needs the
+    flash_attn package (not installed here; on a machine that has it, this test has nothing to check)."""
+    from transformers import AutoConfig
+    from transformers.utils import is_flash_attn_2_available
+
+    from qlora_trainer.loading import build_empty_model
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(UserError, match=r"^model\.attn_implementation=flash_attention_2: FlashAttention2 has been "
+                                        r"toggled on, but it cannot be used .*the package for FlashAttention2 doesn't "
+                                        r"seem to be installed; use model\.attn_implementation=auto \(it picks eager"):
+        build_empty_model(AutoConfig.from_pretrained(tiny_gemma2), attn_implementation="flash_attention_2")
+
+
+def test_training_gemma2_with_auto_attention_says_it_uses_eager(tiny_gemma2, tmp_path, capsys):
+    from qlora_trainer.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": "the cat sat . the dog ran ."}) + "\n" for _ in range(8)))
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model: {{path: {tiny_gemma2}}}\ndata: {{path: {rows}, format: text, max_seq_len: 16, "
+                      f"eval_fraction: 0}}\nout: {tmp_path / 'run'}\n"
+                      "train: {max_steps: 1, grad_accum: 1, optimizer: adamw, save_every: 1}\n")
+    capsys.readouterr()
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("attention: eager (model.attn_implementation=auto: transformers has no sdpa attention for "
+                     "Gemma2ForCausalLM)") == 1, out

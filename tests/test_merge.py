@@ -441,3 +441,71 @@ def test_merge_help_states_the_tolerances(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "top-1 agreement >= 99% and max |logit diff| < 0.001 (fp32)" in text and "(bf16)" in text
     assert "FAIL exits with code 1" in text and "--into original gets no pass/fail" in text
+
+
+# ---------------------------------------------------------------------------------------- an unrecorded compute dtype
+
+def _fp32_gpt2(folder: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=1,
+                        eos_token_id=2)
+    GPT2LMHeadModel(config).save_pretrained(folder, max_shard_size="200KB")  # fp32, as GPT-2 checkpoints are
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    return folder
+
+
+def test_a_peft_adapter_over_an_fp32_base_merges_in_fp32_and_says_it_assumed(tmp_path, capsys):
+    """PEFT records no compute dtype: merge takes the base's config.json dtype (what transformers loaded and quantized
+    it in, fp32 here), says so in one line naming --compute-dtype, and the merge equals an explicit fp32 one."""
+    from qlora_trainer.merge import adapter_compute_dtype
+    from qlora_trainer.adapter import read_adapter
+    from qlora_trainer.base_model import resolve_base
+
+    base = _fp32_gpt2(tmp_path / "gpt2")
+    adapter = write_peft_adapter(base, tmp_path / "adapter", targets=["c_attn", "c_proj", "c_fc"])
+    resolved = adapter_compute_dtype(read_adapter(adapter), adapter, resolve_base(base))
+    assert (resolved.name, resolved.assumed) == ("fp32", True)
+    capsys.readouterr()
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out"),
+                 "--dtype", "fp32", "--quiet"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "compute dtype" in line]
+    assert said == ["merge: the adapter records no compute dtype (no qlora_trainer.json, no run config.yaml); assumed "
+                    "fp32, the dtype of the base's config.json (float32), which transformers loads and quantizes it "
+                    "in by default: if training cast the base to another dtype before NF4, merge again with "
+                    "--compute-dtype bf16|fp16|fp32"]
+    explicit = merge(base, adapter, tmp_path / "explicit", dtype="fp32", compute_dtype="fp32", progress=False)
+    merged = _read_folder(tmp_path / "out")
+    assert merged.keys() == _read_folder(explicit).keys()
+    assert all(torch.equal(t, _read_folder(explicit)[k]) for k, t in merged.items())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = random_ids(256, length=20)
+    torch.testing.assert_close(logits_of(model, ids), logits_of(ours_with_adapter(base, adapter), ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_without_a_dtype_in_the_base_config_the_assumption_is_bf16_and_said(tmp_path):
+    from qlora_trainer.adapter import read_adapter
+    from qlora_trainer.base_model import resolve_base
+    from qlora_trainer.merge import ASSUMED_COMPUTE_DTYPE, adapter_compute_dtype
+
+    base = _fp32_gpt2(tmp_path / "gpt2")
+    adapter = write_peft_adapter(base, tmp_path / "adapter", targets=["c_attn"])
+    config = json.loads((base / "config.json").read_text())
+    del config["dtype"]
+    (base / "config.json").write_text(json.dumps(config))
+    resolved = adapter_compute_dtype(read_adapter(adapter), adapter, resolve_base(base))
+    assert (resolved.name, resolved.assumed) == (ASSUMED_COMPUTE_DTYPE, True) and ASSUMED_COMPUTE_DTYPE == "bf16"
+    assert "--compute-dtype" in resolved.assumed_line and "names no dtype" in resolved.assumed_line
+
+
+def test_an_adapter_of_ours_records_its_dtype_and_merge_says_nothing_about_it(tiny_llama, tmp_path, capsys):
+    _our_adapter(tiny_llama, tmp_path / "adapter")  # qlora_trainer.json: fp32; the base's config.json says bf16
+    capsys.readouterr()
+    assert main(["merge", "--base", str(tiny_llama), "--adapter", str(tmp_path / "adapter"), "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "compute dtype" not in out and "--compute-dtype" not in out, out
+    explicit = merge(tiny_llama, tmp_path / "adapter", tmp_path / "explicit", compute_dtype="fp32", progress=False)
+    assert all(torch.equal(t, _read_folder(explicit)[k]) for k, t in _read_folder(tmp_path / "out").items())

@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dequantized: add to the NF4-rounded weights training saw (default); "
                         "original: add to the unquantized weights")
     p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
-                   help="dtype weights were cast to before NF4 in training (default: recorded with the adapter, "
-                        "else bf16; CPU training uses fp32)")
+                   help="dtype weights were cast to before NF4 in training (default: recorded with the adapter or its "
+                        "run, else the base's config.json dtype (said in one line), else bf16; CPU training uses "
+                        "fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     p.add_argument("--verify", action="store_true",
                    help="compare the logits of quantized base + adapter and of the merged model (both computed in "
@@ -44,12 +45,17 @@ def run(args: argparse.Namespace) -> int:
     base = resolve_base(args.base)
     out = merge(base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
                 max_shard_size=args.max_shard_size, progress=not args.quiet and progress.bars())
+    compute = args.compute_dtype
+    if compute is None:  # what merge used (after its checks of the folders): said when nothing recorded it
+        resolved = adapter_compute_dtype(read_adapter(args.adapter), Path(args.adapter), base)
+        compute = resolved.name
+        if resolved.assumed:
+            print(resolved.assumed_line)
     print(f"merged ({args.into}) into {out}")
     if args.verify:
         report = verify(base, args.adapter, out)
         print(f"verify: {report['positions']} positions, max |logit diff| {report['max_abs_diff']:.3g}, "
               f"mean {report['mean_abs_diff']:.3g}, top-1 agreement {100 * report['top1_agreement']:.1f}%")
-        compute = args.compute_dtype or adapter_compute_dtype(read_adapter(args.adapter), Path(args.adapter))
         verdict = verify_verdict(report, into=args.into, compute_dtype=compute)
         print(verdict.line)
         if verdict.passed is False:
