@@ -433,11 +433,17 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     atomic.write_text(Path(path), yaml.safe_dump(tree, sort_keys=False, default_flow_style=False))
 
 
-def recorded_compute_dtype(run_dir: Path) -> str | None:
-    """model.compute_dtype of the config.yaml a run wrote into `run_dir` (None if there is none to read)."""
-    file = Path(run_dir) / RUN_CONFIG_FILE
-    if not file.is_file():
-        return None
+def run_config_file(adapter_dir: str | os.PathLike) -> Path | None:
+    """The config.yaml of the run an adapter folder belongs to (OUT/adapter, OUT/checkpoints/step-N), or None."""
+    folder = Path(adapter_dir)
+    for run_dir in (folder.parent, folder.parent.parent.parent):
+        if (run_dir / RUN_CONFIG_FILE).is_file():
+            return run_dir / RUN_CONFIG_FILE
+    return None
+
+
+def recorded_compute_dtype(file: Path) -> str | None:
+    """model.compute_dtype of a run's config.yaml (None if it cannot be read)."""
     try:
         return yaml.safe_load(file.read_text(encoding="utf-8"))["model"]["compute_dtype"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):

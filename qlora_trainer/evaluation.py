@@ -22,22 +22,13 @@ from pathlib import Path
 from qlora_trainer import tasks
 from qlora_trainer.adapter import read_adapter
 from qlora_trainer.base_model import BaseModel, resolve_base
-from qlora_trainer.config import ConfigError, DataConfig, load_config
+from qlora_trainer.config import ConfigError, DataConfig, load_config, run_config_file
 from qlora_trainer.data import FILE_BUILDERS, build_datasets, load_tokenizer, pad_token_id
 from qlora_trainer.errors import ArgumentError
-from qlora_trainer.names import CAUSAL_LM, CLASSIFICATION, DATA_FORMATS, IGNORE_INDEX, RUN_CONFIG_FILE
+from qlora_trainer.names import CAUSAL_LM, CLASSIFICATION, DATA_FORMATS, IGNORE_INDEX
 
 # DataConfig key -> the argument of data_config that sets it
 _ARGUMENTS = {"data.path": "data_path", "data.format": "data_format", "data.max_seq_len": "max_seq_len"}
-
-
-def run_config_file(adapter: str | os.PathLike) -> Path | None:
-    """The config.yaml of the run an adapter folder belongs to (OUT/adapter, OUT/checkpoints/step-N), or None."""
-    folder = Path(adapter)
-    for run_dir in (folder.parent, folder.parent.parent.parent):
-        if (run_dir / RUN_CONFIG_FILE).is_file():
-            return run_dir / RUN_CONFIG_FILE
-    return None
 
 
 def data_config(data_path: str | os.PathLike, *, adapter: str | os.PathLike | None = None,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from qlora_trainer import atomic, libc, quant, tasks
 from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
 from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
-from qlora_trainer.config import recorded_compute_dtype
+from qlora_trainer.config import recorded_compute_dtype, run_config_file
 from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
                                    swap_in_nf4_linears)
@@ -273,10 +273,10 @@ def adapter_compute_dtype(adapter: Adapter, adapter_dir: Path, base: BaseModel |
     4. with no dtype in the base's config.json either, bf16 (ASSUMED_COMPUTE_DTYPE), the GPU default."""
     if adapter.compute_dtype in DTYPE_NAMES:  # recorded by save_adapter in qlora_trainer.json
         return ComputeDtype(adapter.compute_dtype, f"recorded in {ADAPTER_RECORD_FILE}", assumed=False)
-    for run_dir in (adapter_dir.parent, adapter_dir.parent.parent.parent):
-        recorded = recorded_compute_dtype(run_dir)
-        if recorded in DTYPE_NAMES:
-            return ComputeDtype(recorded, f"model.compute_dtype of {run_dir / RUN_CONFIG_FILE}", assumed=False)
+    run_file = run_config_file(adapter_dir)
+    recorded = recorded_compute_dtype(run_file) if run_file is not None else None
+    if recorded in DTYPE_NAMES:
+        return ComputeDtype(recorded, f"model.compute_dtype of {run_file}", assumed=False)
     if base is not None:
         raw = base.raw_config
         config_dtype = raw.get("dtype") or raw.get("torch_dtype")
