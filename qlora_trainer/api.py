@@ -23,8 +23,9 @@ from qlora_trainer.evaluation import data_config, evaluate_dataset
 from qlora_trainer.generate import generate, load_for_generation
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora
-from qlora_trainer.merge import merge, verify
+from qlora_trainer.merge import merge
 from qlora_trainer.train import Run, TrainResult, train
+from qlora_trainer.verify import verify
 
 __all__ = ["load_quantized", "apply_lora", "save_adapter", "load_adapter_into", "read_adapter", "RunConfig",
            "load_config", "train", "Run", "TrainResult", "merge", "verify", "generate", "load_for_generation",

@@ -37,12 +37,11 @@ from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
                                    swap_in_nf4_linears)
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES,
-                                 DTYPE_NAMES, MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES, RUN_CONFIG_FILE,
-                                 dtype_name, torch_dtype)
+                                 DTYPE_NAMES, MERGE_INTO, MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES,
+                                 RUN_CONFIG_FILE, dtype_name, torch_dtype)
 from qlora_trainer.shards import ShardWriter, header_entries, itemsize, parse_size, shard_name
 from qlora_trainer.tasks.base import Task
 
-INTO = ("dequantized", "original")
 DEFAULT_SHARD_SIZE = "5GB"
 # When neither the adapter nor the base's config.json says the compute dtype, assume the GPU default (bf16).
 ASSUMED_COMPUTE_DTYPE = "bf16"
@@ -73,8 +72,8 @@ def merge_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
 def base_weight(weight: torch.Tensor, *, into: str, compute_dtype: torch.dtype, quantized: bool,
                 conv1d: bool = False) -> torch.Tensor:
     """The base weight in fp32 as the merged model should see it, before any LoRA update."""
-    if into not in INTO:
-        raise ValueError(f"into must be one of {INTO}, got {into!r}")
+    if into not in MERGE_INTO:
+        raise ValueError(f"into must be one of {MERGE_INTO}, got {into!r}")
     if into == "original" or not quantized:
         return weight.float()
     w = weight.T if conv1d else weight  # loading quantizes Conv1D weights as (out, in)
@@ -297,8 +296,8 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
     dtype: output dtype of floating tensors (default: each keeps the checkpoint's dtype).
     compute_dtype: the dtype training cast weights to before NF4 (default: adapter_compute_dtype's rule: recorded
     with the adapter or its run, else the base's config.json dtype, else bf16)."""
-    if into not in INTO:
-        raise ArgumentError("into", f"{{arg}} {into!r}: use one of {', '.join(INTO)}")
+    if into not in MERGE_INTO:
+        raise ArgumentError("into", f"{{arg}} {into!r}: use one of {', '.join(MERGE_INTO)}")
     out = Path(out)
     _check_out(out)
     base = resolve_base(base)  # a config.json that is not JSON, or of an unknown architecture, is named here
@@ -348,66 +347,3 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
     # an existing `out` is empty (checked above); a full disk is a UserError saying how much space is needed
     atomic.write_folder(out, write, expected_bytes=sum(e.nbytes for e in entries) + side_bytes)
     return out
-
-
-def verify(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, merged: str | os.PathLike, *,
-           texts: list[str] | None = None, device: str | None = None) -> dict:
-    """Logits of quantized base + adapter vs the merged folder (plain transformers, fp32) on a few prompts (a
-    classifier: class logits of a few texts). Returns {max_abs_diff, mean_abs_diff, top1_agreement, positions,
-    dtype}, dtype being the least precise dtype of the merged folder's floating tensors (what verify_verdict's
-    tolerance depends on)."""
-    task = tasks.for_adapter(read_adapter(adapter))
-    report = task.verify_merged(base, adapter, merged, texts=texts, device=device)
-    return {**report, "dtype": merged_weights_dtype(merged)}
-
-
-# What `merge --verify` accepts from a dequantized merge, by the least precise dtype the merged weights went through
-# (the output dtype, or the compute dtype the NF4 weights were rounded to before the update was added): (least top-1
-# agreement, max |logit diff| below). Both sides are computed in fp32, so what is left is that rounding: none in
-# fp32 (summation order only), 11 significant bits in fp16, 8 in bf16, which moves logits by a few hundredths and
-# flips the top token where the two best are about that close. A broken merge (a missing, transposed or mis-scaled
-# update) moves them by the size of the update's effect.
-VERIFY_TOLERANCES = {"fp32": (0.99, 1e-3), "fp16": (0.98, 0.1), "bf16": (0.95, 0.5)}
-_LOOSEST_FIRST = ("bf16", "fp16", "fp32")
-
-
-def merged_weights_dtype(merged: str | os.PathLike) -> str:
-    """The least precise of the dtypes of a model folder's floating tensors (bf16 < fp16 < fp32), from the
-    safetensors headers."""
-    found = {dtype_name(dtype) or "fp32" for _, dtype in header_entries(checkpoint_files(Path(merged))).values()
-             if dtype.is_floating_point}
-    return next((name for name in _LOOSEST_FIRST if name in found), "fp32")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    passed: bool | None  # None: no pass/fail for this kind of merge (into original)
-    line: str
-
-
-def verify_verdict(report: dict, *, into: str = "dequantized", compute_dtype: str = "fp32") -> Verdict:
-    """PASS or FAIL for a verify() report of a merge made with `into` and `compute_dtype`: a dequantized merge passes
-    when the top-1 agreement and the max |logit diff| are within VERIFY_TOLERANCES of the least precise of the merged
-    weights' dtype (report["dtype"]) and the compute dtype. An original merge adds the update to the unquantized
-    weights, so it is meant to differ from the quantized model it is compared with by the NF4 rounding: no pass/fail
-    (passed is None), the numbers say how far apart the two are."""
-    if into not in INTO:
-        raise ValueError(f"into must be one of {INTO}, got {into!r}")
-    agreement, diff = report["top1_agreement"], report["max_abs_diff"]
-    if into == "original":
-        return Verdict(None, "verify: no pass/fail for --into original: it adds the update to the unquantized "
-                             f"weights, so it differs from the quantized base + adapter by the NF4 rounding by design "
-                             f"(top-1 agreement {100 * agreement:.1f}%); --into dequantized is the merge verify checks")
-    used = {report.get("dtype", "fp32"), compute_dtype}
-    dtype = next((name for name in _LOOSEST_FIRST if name in used), "fp32")
-    min_top1, max_diff = VERIFY_TOLERANCES[dtype]
-    wanted = f"top-1 agreement >= {100 * min_top1:g}% and max |logit diff| < {max_diff:g} for {dtype} rounding"
-    failed = []
-    if not agreement >= min_top1:
-        failed.append(f"top-1 agreement {100 * agreement:.1f}% is below {100 * min_top1:g}%")
-    if not diff < max_diff:  # a NaN fails too
-        failed.append(f"max |logit diff| {diff:.3g} is not below {max_diff:g}")
-    if not failed:
-        return Verdict(True, f"verify: PASS ({wanted})")
-    return Verdict(False, f"verify: FAIL: {' and '.join(failed)} (wanted: {wanted}): the merged model does not compute "
-                          "what the quantized base + adapter computes; the folder is left in place to inspect")

@@ -51,6 +51,7 @@ DATA_FORMATS = ("text", "alpaca", "completion", "chat", "classification")
 # ------------------------------------------------------------------------------------------ LoRA and NF4
 
 ALL_LINEAR = "all-linear"  # every linear layer but the output layer (PEFT's keyword)
+MERGE_INTO = ("dequantized", "original")  # what merge adds the update to: the NF4-rounded or the original weights
 NF4_BLOCKSIZE = 64  # values per NF4 block; bitsandbytes' CPU kernels need in_features to be a multiple
 
 # ------------------------------------------------------------------------------------------ files

@@ -20,7 +20,8 @@ from qlora_trainer.adapter import load_adapter_into
 from qlora_trainer.cli import main
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
-from qlora_trainer.merge import merge, verify, verify_verdict
+from qlora_trainer.merge import merge
+from qlora_trainer.verify import verify, verify_verdict
 from tests.helpers import ASSET, REPO, TINY, logits_of, random_ids, write_peft_adapter, write_tiny_llama
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qlora_trainer.names import DTYPE_NAMES
+from qlora_trainer.names import DTYPE_NAMES, MERGE_INTO
 
 HELP = "fold an adapter into its base and write a standard model folder"
 DESCRIPTION = ("Stream the base checkpoint shard by shard, add scale * B @ A to each LoRA target, and write a folder "
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="output dtype (default: the checkpoint's own dtype)")
-    p.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+    p.add_argument("--into", choices=MERGE_INTO, default="dequantized",
                    help="dequantized: add to the NF4-rounded weights training saw (default); "
                         "original: add to the unquantized weights")
     p.add_argument("--compute-dtype", choices=DTYPE_NAMES, default=None,
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from qlora_trainer import progress
     from qlora_trainer.adapter import read_adapter
     from qlora_trainer.base_model import resolve_base
-    from qlora_trainer.merge import adapter_compute_dtype, merge, verify, verify_verdict
+    from qlora_trainer.merge import adapter_compute_dtype, merge
+    from qlora_trainer.verify import verify, verify_verdict
 
     base = resolve_base(args.base)
     out = merge(base, args.adapter, args.out, dtype=args.dtype, into=args.into, compute_dtype=args.compute_dtype,
