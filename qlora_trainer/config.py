@@ -17,7 +17,8 @@ import yaml
 
 from qlora_trainer import atomic
 from qlora_trainer.names import (ALL_LINEAR, ATTN_IMPLEMENTATIONS, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES,
-                                 DATA_FORMATS, OPTIMIZERS, RUN_CONFIG_FILE, SCHEDULES, TASKS)
+                                 DATA_FORMATS, NO_TRACKER, OPTIMIZERS, RUN_CONFIG_FILE, SCHEDULES, TASKS,
+                                 TRACKERS)
 from qlora_trainer.errors import UserError
 
 REQUIRED_KEYS = ("model.path", "data.path", "out")
@@ -193,6 +194,7 @@ class TrainConfig(_Section):
     loss_chunk_size: int = 1024
     seed: int = 0
     max_bad_steps: int = 10
+    report_to: typing.Union[str, typing.List[str]] = NO_TRACKER  # none, tensorboard, wandb, mlflow, or a list
     _section = "train"
 
     def _check(self):
@@ -216,6 +218,20 @@ class TrainConfig(_Section):
         self._need("weight_decay", self.weight_decay >= 0, "0 or more", 0.0)
         self._need("max_grad_norm", self.max_grad_norm > 0, "positive", 0.3)
         self._need("seed", self.seed >= 0, "0 or more", 0)
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        for name in names:
+            if name not in TRACKERS:
+                raise ConfigError("train.report_to", f"train.report_to must be one of {', '.join(TRACKERS)} (or a "
+                                                     f"list of them), got {name!r}")
+        if NO_TRACKER in names and len(names) > 1:
+            raise ConfigError("train.report_to", f"train.report_to lists {NO_TRACKER} with other trackers "
+                                                 f"{names}: drop {NO_TRACKER}")
+
+    @property
+    def trackers(self) -> list[str]:
+        """train.report_to as a list of tracker names, without repeats ([] for none)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [n for i, n in enumerate(names) if n != NO_TRACKER and n not in names[:i]]
 
 
 SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}

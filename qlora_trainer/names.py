@@ -35,6 +35,11 @@ def dtype_name(dtype) -> str | None:
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # torch AdamW; bitsandbytes 8-bit (paged) AdamW
 SCHEDULES = ("cosine", "linear", "constant")
+# train.report_to: experiment trackers (through accelerate), and the pip package each needs.
+NO_TRACKER = "none"
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+TRACKERS = (NO_TRACKER,) + tuple(TRACKER_PACKAGES)
+TENSORBOARD_DIR = "tensorboard"  # OUT/tensorboard: the TensorBoard event files
 IGNORE_INDEX = -100  # label of a token that has no loss (transformers' convention)
 
 # ------------------------------------------------------------------------------------------ tasks

@@ -24,11 +24,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from qlora_trainer import atomic, lock, tasks
+from qlora_trainer import atomic, lock, tasks, trackers
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.adapter import copy_weights_into, read_adapter, save_adapter, write_model_adapter
 from qlora_trainer.base_model import resolve_base
-from qlora_trainer.config import RunConfig, save_config
+from qlora_trainer.config import RunConfig, config_to_dict, save_config
 from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
@@ -99,8 +99,11 @@ def train(cfg: RunConfig, *, progress: bool | None = None, log=say, stop: StopRe
     with lock.RunLock(out) as run_lock:
         try:
             run = Run(cfg, progress=progress, log=log, stop=stop)
-            run.setup(run_lock)
-            return run.fit()
+            try:
+                run.setup(run_lock)
+                return run.fit()
+            finally:
+                run.end_trackers()  # an error or a stop too: what was logged stays readable
         except OSError as err:
             if err.errno in atomic.DISK_FULL:  # metrics, config.yaml, loss.png: checkpoints say more themselves
                 raise atomic.disk_full_error(out, err) from None
@@ -123,6 +126,9 @@ class Run:
         self.stream_end: int | None = None  # a train.epochs run: where its data stream ends (training.batch_indices)
         self.window_tokens, self.window_start = 0, time.perf_counter()  # tokens/s over the steps since the last log
         self.fit_start = time.perf_counter()
+        trackers.check_installed(cfg.train.trackers)  # before anything heavy loads
+        self.accelerator = None
+        self.tracking = False  # train.report_to's trackers started (accelerator.init_trackers)
 
     @property
     def max_steps(self) -> int:
@@ -143,6 +149,7 @@ class Run:
         write_metrics(self.out, self.history)
         if self.start_step:
             self._restore_last_metrics()
+        self._start_trackers()
         return self
 
     def _load_data(self) -> None:
@@ -174,7 +181,8 @@ class Run:
 
     def _load_model(self) -> None:
         cfg = self.cfg
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                                       log_with=trackers.make_trackers(cfg.train.trackers, self.out) or None)
         set_seed(cfg.train.seed)
         with phase(f"loading the model {self.base.name}", self.log):
             self.model = load_quantized(self.base, compute_dtype=cfg.model.compute_dtype,
@@ -189,6 +197,21 @@ class Run:
             enable_checkpointing(self.model)
         self.model.train()
         self.params = list(lora_state_dict(self.model).values()) + full
+
+    def _start_trackers(self) -> None:
+        """train.report_to's trackers (accelerate's init_trackers), with the resolved config as hyperparameters; a
+        resumed run goes on in the same places from its checkpoint's step (trackers.resume_at)."""
+        if not self.cfg.train.trackers or self.tracking:
+            return
+        trackers.resume_at(self.accelerator.log_with, self.start_step)
+        self.accelerator.init_trackers(trackers.PROJECT, config=trackers.flat_config(config_to_dict(self.cfg)))
+        self.tracking = True
+
+    def end_trackers(self) -> None:
+        """Close the trackers (accelerate's end_training); safe to call twice, or when none started."""
+        if self.tracking:
+            self.tracking = False
+            self.accelerator.end_training()
 
     def _apply_lora(self) -> None:
         lora = self.cfg.lora
@@ -328,6 +351,7 @@ class Run:
         """OUT/adapter and OUT/loss.png, the adapter's rank verdict in the log, and the result."""
         with phase(f"saving the adapter to {self.out / ADAPTER_DIR}", self.log):
             self._save_adapter()
+        self.end_trackers()
         self.log(f"adapter: {verdict(model_spectra(self.model))}; "
                  f"details: qlora-trainer inspect {self.out / ADAPTER_DIR}")
         return TrainResult(self.out, self.max_steps, self.loss, self.eval_metrics.get("eval_loss"),
@@ -371,6 +395,8 @@ class Run:
             row.update(self.eval_metrics)  # eval_loss (+ eval_accuracy, eval_f1 for a classifier)
         self.history.append(row)
         append_metric(self.out, row)
+        if self.tracking:  # the same row, at the same step, to train.report_to's trackers
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         fields = {"loss": f"{self.loss:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}",
                   "mem": f"{row['mem_gb']:.2f}GB"}
         if "eval_loss" in self.eval_metrics:  # the latest eval, until the next one

@@ -42,6 +42,15 @@ def test_defaults_match_the_design(cfg_file, tmp_path):
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.resume is False  # relative: against the file's folder
 
 
+def test_report_to_defaults_to_none_and_takes_a_name_or_a_list(cfg_file):
+    assert load_config(cfg_file(), []).train.report_to == "none"
+    assert load_config(cfg_file(), []).train.trackers == []
+    assert load_config(cfg_file(), ["train.report_to=tensorboard"]).train.trackers == ["tensorboard"]
+    cfg = load_config(cfg_file(), ["train.report_to=[tensorboard, wandb, mlflow]"])
+    assert cfg.train.trackers == ["tensorboard", "wandb", "mlflow"]
+    assert "drop none" in error(cfg_file(), ["train.report_to=[none, wandb]"])
+
+
 def test_attn_implementation_defaults_to_auto_and_takes_each_choice(cfg_file):
     assert load_config(cfg_file(), []).model.attn_implementation == "auto"
     for choice in ("sdpa", "eager", "flash_attention_2"):
@@ -143,6 +152,8 @@ def test_impossible_value_in_the_file(cfg_file):
     ("model.compute_dtype=bf32", "model.compute_dtype", "auto, bf16, fp16, fp32"),
     ("model.task=seq2seq", "model.task", "causal_lm, classification"),
     ("model.attn_implementation=flash", "model.attn_implementation", "auto, sdpa, eager, flash_attention_2"),
+    ("train.report_to=comet", "train.report_to", "none, tensorboard, wandb, mlflow"),
+    ("train.report_to=[tensorboard, aim]", "train.report_to", "none, tensorboard, wandb, mlflow"),
 ])
 def test_unknown_enum_values_list_the_valid_ones(cfg_file, override, key, valid):
     assert f"{key} must be one of {valid}" in error(cfg_file(), [override])
