@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from qlora_trainer.config import looks_like_hub_id
 from qlora_trainer.errors import UserError
 from qlora_trainer.names import MODEL_CONFIG_FILE, MODEL_INDEX_FILE, MODEL_WEIGHTS_FILE
+from qlora_trainer.paths import looks_like_hub_id
 
 
 @dataclass(frozen=True)

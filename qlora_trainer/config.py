@@ -16,10 +16,11 @@ from pathlib import Path
 import yaml
 
 from qlora_trainer import atomic
-from qlora_trainer.names import (ALL_LINEAR, ATTN_IMPLEMENTATIONS, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES,
-                                 DATA_FORMATS, NO_TRACKER, OPTIMIZERS, RUN_CONFIG_FILE, SCHEDULES, TASKS,
-                                 TRACKERS)
 from qlora_trainer.errors import UserError
+from qlora_trainer.names import (ALL_LINEAR, ATTN_IMPLEMENTATIONS, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES,
+                                 DATA_FORMATS, NO_TRACKER, OPTIMIZERS, SCHEDULES, TASKS,
+                                 TRACKERS)
+from qlora_trainer.paths import PATH_KEYS, resolve_path
 
 REQUIRED_KEYS = ("model.path", "data.path", "out")
 DEFAULT_MAX_STEPS = 1000
@@ -374,36 +375,6 @@ def build_config(flat: dict[str, object], where: str = "the config") -> RunConfi
         raise UserError(f"{where}: {err.message}") from err
 
 
-# Keys that hold a path, and those of them that may instead name a hub id already in the local cache.
-PATH_KEYS = ("model.path", "data.path", "data.eval_path", "out")
-HUB_ID_KEYS = ("model.path", "data.path", "data.eval_path")
-
-
-def looks_like_hub_id(text: str) -> bool:
-    """`org/name`: one slash, both parts non-empty, not starting with / . or ~."""
-    org, _, name = text.partition("/")
-    return text.count("/") == 1 and bool(org) and bool(name) and not text.startswith(("/", ".", "~"))
-
-
-def _may_be_hub_id(key: str, text: str) -> bool:
-    # A data file name with an extension is a file to data.load_rows (`data/train.jsonl`), never a dataset id.
-    return looks_like_hub_id(text) and (key == "model.path" or not os.path.splitext(text)[1])
-
-
-def resolve_path(key: str, value, base_dir: str | os.PathLike):
-    """The value of path key `key` made absolute against `base_dir` (`~` expanded). A value that names nothing
-    there but looks like a hub id (org/name) stays as given; non-strings and absolute paths stay as they are."""
-    if key not in PATH_KEYS or not isinstance(value, str) or not value:
-        return value
-    expanded = os.path.expanduser(value)
-    if os.path.isabs(expanded):
-        return expanded
-    candidate = os.path.abspath(os.path.join(base_dir, expanded))
-    if key in HUB_ID_KEYS and not os.path.exists(candidate) and _may_be_hub_id(key, value):
-        return value
-    return candidate
-
-
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """YAML file + dotted `key=value` overrides -> a validated RunConfig (UserError naming file, key and fix).
 
@@ -447,20 +418,3 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
         holder = tree[section] if section else tree
         holder[name] = resolve_path(key, holder[name], os.getcwd())
     atomic.write_text(Path(path), yaml.safe_dump(tree, sort_keys=False, default_flow_style=False))
-
-
-def run_config_file(adapter_dir: str | os.PathLike) -> Path | None:
-    """The config.yaml of the run an adapter folder belongs to (OUT/adapter, OUT/checkpoints/step-N), or None."""
-    folder = Path(adapter_dir)
-    for run_dir in (folder.parent, folder.parent.parent.parent):
-        if (run_dir / RUN_CONFIG_FILE).is_file():
-            return run_dir / RUN_CONFIG_FILE
-    return None
-
-
-def recorded_compute_dtype(file: Path) -> str | None:
-    """model.compute_dtype of a run's config.yaml (None if it cannot be read)."""
-    try:
-        return yaml.safe_load(file.read_text(encoding="utf-8"))["model"]["compute_dtype"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qlora_trainer.config import looks_like_hub_id
 from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.names import ALL_LINEAR, AUTO, DTYPE_BYTES, MODEL_CONFIG_FILE, NF4_BLOCKSIZE, OPTIMIZERS
+from qlora_trainer.paths import looks_like_hub_id
 
 GIB = 1024**3
 

@@ -22,10 +22,11 @@ from pathlib import Path
 from qlora_trainer import tasks
 from qlora_trainer.adapter import read_adapter
 from qlora_trainer.base_model import BaseModel, resolve_base
-from qlora_trainer.config import ConfigError, DataConfig, load_config, run_config_file
+from qlora_trainer.config import ConfigError, DataConfig, load_config
 from qlora_trainer.data import FILE_BUILDERS, build_datasets, load_tokenizer, pad_token_id
 from qlora_trainer.errors import ArgumentError
 from qlora_trainer.names import CAUSAL_LM, CLASSIFICATION, DATA_FORMATS, IGNORE_INDEX
+from qlora_trainer.paths import run_config_file
 
 # DataConfig key -> the argument of data_config that sets it
 _ARGUMENTS = {"data.path": "data_path", "data.format": "data_format", "data.max_seq_len": "max_seq_len"}

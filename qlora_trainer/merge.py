@@ -32,13 +32,13 @@ from tqdm.auto import tqdm
 from qlora_trainer import atomic, libc, quant, tasks
 from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
 from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
-from qlora_trainer.config import recorded_compute_dtype, run_config_file
 from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
                                    swap_in_nf4_linears)
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES,
                                  DTYPE_NAMES, MERGE_INTO, MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES,
                                  RUN_CONFIG_FILE, dtype_name, torch_dtype)
+from qlora_trainer.paths import recorded_compute_dtype, run_config_file
 from qlora_trainer.shards import ShardWriter, header_entries, itemsize, parse_size, shard_name
 from qlora_trainer.tasks.base import Task
 

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qlora_trainer.base_model import resolve_base
-    from qlora_trainer.config import run_config_file
+    from qlora_trainer.paths import run_config_file
     from qlora_trainer.evaluation import data_config, evaluate_dataset
 
     if args.data is None:
