@@ -95,7 +95,8 @@ def generate_ids(model, prompt_ids: list[int], *, max_new_tokens: int, eos: set[
 
 class _TextStream:
     """Turns token ids into text pieces as they come: decodes the whole reply so far and emits the new suffix,
-    holding back an incomplete UTF-8 character (a lone "\ufffd") until its remaining bytes arrive."""
+    holding back an incomplete UTF-8 character (a lone "\ufffd") until its remaining bytes arrive. `finish()`
+    emits what is still held back when generation stops mid-character, so the pieces add up to the reply."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, emit: Callable[[str], None]):
         self.tokenizer, self.emit = tokenizer, emit
@@ -104,8 +105,14 @@ class _TextStream:
 
     def __call__(self, token: int) -> None:
         self.ids.append(token)
+        self._emit_new(hold_partial=True)
+
+    def finish(self) -> None:
+        self._emit_new(hold_partial=False)
+
+    def _emit_new(self, *, hold_partial: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if hold_partial and text.endswith("\ufffd"):
             return
         if len(text) > self.sent:
             self.emit(text[self.sent:])
@@ -126,6 +133,8 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompt: str | list[Messa
     on_token = _TextStream(tokenizer, stream) if stream is not None else None
     new = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens, eos=eos_ids(model, tokenizer),
                        temperature=temperature, top_p=top_p, seed=seed, on_token=on_token)
+    if on_token is not None:
+        on_token.finish()
     return tokenizer.decode(new, skip_special_tokens=True)
 
 

@@ -181,3 +181,24 @@ def test_cli_chat_help_says_the_history_is_kept(capsys):
     assert main(["generate", "--base", str(ASSET), "--prompt", "hi", "--no-history"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--no-history goes with --chat" in err
+
+
+def test_stream_ending_mid_character_still_adds_up_to_the_reply(tokenizer):
+    """A reply cut off inside a multi-byte character: the held-back bytes are emitted at the end, so what was
+    streamed equals tokenizer.decode of the reply (the independent reference), replacement character included."""
+    from qlora_trainer.generate import _TextStream
+    ids = tokenizer.encode("é€😀", add_special_tokens=False)
+    cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    pieces = []
+    stream = _TextStream(tokenizer, pieces.append)
+    for token in ids[:cut]:
+        stream(token)
+    assert "\ufffd" not in "".join(pieces)  # held back while more bytes may come
+    stream.finish()
+    assert "".join(pieces) == tokenizer.decode(ids[:cut], skip_special_tokens=True)
+    whole = []
+    stream = _TextStream(tokenizer, whole.append)
+    for token in ids:
+        stream(token)
+    stream.finish()
+    assert "".join(whole) == "é€😀"
