@@ -79,7 +79,7 @@ class World:
         """The element-wise sum of `values` over all ranks (float64: token counts stay exact)."""
         if not self.distributed:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
         self._call(what, lambda: dist.all_reduce(tensor))
         return tensor.tolist()
 
@@ -133,6 +133,13 @@ class World:
         if outcome[0] is not None:
             raise UserError(f"{self}: stopped because the main process failed while {what}: {outcome[0]}")
         return result
+
+
+def _collective_device() -> torch.device:
+    """Where a small tensor must be for a collective: NCCL reduces only GPU tensors, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def quiet(_line: str) -> None:

@@ -232,10 +232,8 @@ class Run:
         train_cfg = self.train_cfg
         optimizer = make_optimizer(train_cfg.optimizer, self.params, train_cfg.lr, train_cfg.weight_decay)
         objective = self.task.loss_module(self.model, train_cfg.loss_chunk_size)
-        if self.world.distributed:  # distributed.py sums the gradients itself: no DDP wrapper
-            self.loss_model, self.optimizer = objective, optimizer
-        else:
-            self.loss_model, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        self.loss_model, self.optimizer = ((objective, optimizer) if self.world.distributed  # no DDP wrapper:
+                                           else self.accelerator.prepare(objective, optimizer))  # see distributed.py
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.out, warn=self.log)
@@ -334,8 +332,8 @@ class Run:
         micro = [to_device(collate([self.train_examples[i] for i in idx], self.pad_id), self.accelerator.device)
                  for idx, _ in shares]
         weights = [w for _, w in shares]
-        local_tokens = sum(w * count_tokens(mb) for mb, w in zip(micro, weights))
-        self.window_tokens += int(self.world.sum([local_tokens], "counting the step's input tokens")[0])
+        self.window_tokens += int(self.world.sum([sum(w * count_tokens(mb) for mb, w in zip(micro, weights))],
+                                                 "counting the step's input tokens")[0])
         self.loss, grad_norm, ok = train_step(self.loss_model, micro, self.optimizer, self.params,
                                               lr_at(step, train_cfg), train_cfg.max_grad_norm, self.accelerator,
                                               self.world, weights)

@@ -159,6 +159,7 @@ WATCHDOG = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_collective_that_waits_past_the_timeout_is_an_error_naming_the_rank(tmp_path):
     script = tmp_path / "watchdog.py"
     script.write_text(WATCHDOG)
