@@ -28,15 +28,17 @@ from qlora_trainer.distributed import World, check_batch, rank_share
 from qlora_trainer.errors import UserError
 from tests.helpers import ASSET, REPO, load_ours, logits_of, random_ids, transformers_nf4
 
-STEPS = 4
+# 33 of the 32 training examples, 8 a step: 5 steps, the last one a single example, which leaves rank 1 of 2 only
+# a weight-0 stand-in (distributed.rank_share)
+STEPS = 5
 RUN = dict(lora={"r": 4, "alpha": 8, "dropout": 0.0},  # no dropout: its masks are per rank (a random stream each)
-           train={"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "optimizer": "adamw", "lr": 2e-3,
+           train={"epochs": 33 / 32, "batch_size": 4, "grad_accum": 2, "optimizer": "adamw", "lr": 2e-3,
                   "warmup_steps": 1, "save_every": 2, "eval_every": 2, "log_every": 1, "keep_checkpoints": 3})
 AUDIT = """\
 import os, sys
 _log = os.environ.get("AUDIT_DIR")
-if _log:
-    _out, _rank = os.environ["AUDIT_OUT"], os.environ.get("RANK", "0")
+if _log and "RANK" in os.environ:  # the training processes, not the launcher
+    _out, _rank = os.environ["AUDIT_OUT"], os.environ["RANK"]
     _file = open(os.path.join(_log, f"rank{_rank}-{os.getpid()}.txt"), "a", buffering=1)
     def _hook(event, args):
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
@@ -185,17 +187,20 @@ def test_ddp_two_processes_train_the_one_process_model_and_only_the_main_process
     assert ours.keys() == theirs.keys() == set(range(1, STEPS + 1))
     assert max(abs(ours[s] - theirs[s]) for s in ours) < 1e-5  # metrics.jsonl rounds to 1e-6
     assert adapter_diff(out / "adapter", reference / "adapter") < 1e-5
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    state = json.loads((out / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000005"]
+    state = json.loads((out / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == STEPS  # one row a step, not one a rank
-    assert output.count("done: 4 steps") == 1  # the main process speaks for the run
-    writes = {f.name.split("-")[0]: f.read_text().splitlines() for f in (tmp_path / "audit").glob("rank*.txt")}
-    assert writes.get("rank1", []) == []  # rank 1 never touched OUT
+    assert output.count(f"done: {STEPS} steps") == 1  # the main process speaks for the run
+    writes = {"rank0": [], "rank1": []}
+    for log in (tmp_path / "audit").glob("rank*.txt"):
+        writes[log.name.split("-")[0]] += log.read_text().splitlines()
+    assert writes["rank1"] == []  # rank 1 never touched OUT
     written = {line.split(" ", 1)[1] for line in writes["rank0"]}
     assert str(out.resolve() / ".lock") in written and str(out.resolve() / "config.yaml") in written
     # the two processes' step-2 checkpoint, resumed on one process, goes on with the same model
-    shutil.rmtree(out / "checkpoints" / "step-000004")
+    for step in (4, 5):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:06d}")
     assert cli.main(["train", str(config), f"out={out}", "--resume"]) == 0
     assert adapter_diff(out / "adapter", reference / "adapter") < 1e-5
 
@@ -205,7 +210,8 @@ def test_a_one_process_checkpoint_resumed_on_two_goes_on_with_the_same_model(one
     config, reference = one_process
     out = tmp_path / "one-then-two"
     shutil.copytree(reference, out)
-    shutil.rmtree(out / "checkpoints" / "step-000004")
+    for step in (4, 5):
+        shutil.rmtree(out / "checkpoints" / f"step-{step:06d}")
     code, output = launch(config, out, "--resume")
     assert code == 0, output
     assert "resumed from" in output and "step 2" in output
@@ -240,7 +246,8 @@ def test_fsdp_shards_the_nf4_base_and_trains_the_one_process_model(one_process, 
 def test_fsdp_saves_checkpoints_with_the_8bit_optimizers(tmp_path, optimizer):
     """PEFT documents that paged_adamw_8bit fails to save under FSDP-QLoRA: ours keeps the trained weights out of
     the sharding, so each optimizer saves as on one process."""
-    config = workspace(tmp_path, train={"optimizer": optimizer, "max_steps": 2, "save_every": 1})
+    config = workspace(tmp_path, train={"optimizer": optimizer, "epochs": None, "max_steps": 2,
+                                                   "save_every": 1})
     out = tmp_path / "out"
     code, output = launch(config, out, kind="fsdp")
     assert code == 0, output
@@ -269,7 +276,8 @@ def _rank_pids(proc: subprocess.Popen) -> dict[int, int]:
 @pytest.mark.slow
 def test_sigkill_of_one_rank_ends_the_run_and_resume_gives_the_uninterrupted_adapter(tmp_path):
     # dropout on: every rank's random stream must come back from the checkpoint too
-    config = workspace(tmp_path, lora={"dropout": 0.1}, train={"max_steps": 8, "save_every": 2})
+    config = workspace(tmp_path, lora={"dropout": 0.1}, train={"epochs": None, "max_steps": 8,
+                                                                      "save_every": 2})
     out = tmp_path / "killed"
     run = launch(config, out, wait=False)
     while not (out / "checkpoints" / "step-000002").is_dir() and run.poll() is None:
