@@ -163,7 +163,8 @@ def prepare_model(model: nn.Module, trained: list[nn.Parameter], world: World, c
         shard_base(model, trained, compute_dtype)
         shares = world.gather(nf4_bytes(model), "counting the NF4 shards")
         log(f"FSDP: the NF4 base is sharded over {world.size} processes: "
-            + ", ".join(f"rank {r} holds {b / before:.1%}" for r, b in enumerate(shares)) + " of its packed bytes")
+            + ", ".join(f"rank {r} holds {b / before:.1%} ({b:,} bytes)" for r, b in enumerate(shares))
+            + f" of its {before:,} packed bytes")
     seed_rank(seed, 0, world)
 
 
