@@ -345,3 +345,21 @@ def test_the_readme_shows_the_launch_commands_of_the_shipped_accelerate_configs(
         assert (f"accelerate launch --config_file configs/accelerate/{kind}.yaml --num_processes 2 -m qlora_trainer "
                 f"train configs/tiny.yaml") in readme
         assert (REPO / "configs" / "accelerate" / f"{kind}.yaml").is_file()
+
+
+def test_compute_dtype_storage_keeps_every_nf4_bit_and_the_logits(tiny_llama, one_thread):
+    """FSDP-QLoRA's quant_storage: the packed bytes relabelled as float32, not changed."""
+    from qlora_trainer import quant
+
+    model = load_ours(tiny_llama)
+    ids = random_ids(model.config.vocab_size, seed=5)
+    layers = {name: m for name, m in model.named_modules() if quant.is_nf4_linear(m)}
+    raw = {name: m.weight.data.clone() for name, m in layers.items()}
+    weights = {name: quant.dequantize(m) for name, m in layers.items()}
+    before = logits_of(model, ids)
+    assert quant.store_as(model, torch.float32) == len(layers)
+    for name, module in layers.items():
+        assert module.weight.dtype == torch.float32 and module.weight.quant_storage == torch.float32
+        assert torch.equal(module.weight.data.reshape(-1).view(torch.uint8), raw[name].reshape(-1))
+        assert torch.equal(quant.dequantize(module), weights[name])
+    assert torch.equal(logits_of(model, ids), before)
