@@ -156,8 +156,21 @@ def _existing_parent(path: Path) -> Path:
 
 
 def is_stale_temp(path: Path) -> bool:
-    """A temporary folder left behind by another (killed) process."""
-    return path.name.startswith(TMP_PREFIX) and not path.name.endswith(f"-{os.getpid()}")
+    """A temporary folder left behind by another process that has ended. The name ends in its writer's pid; a
+    folder of a live process (another writer: a rank of a multi-process run that wrongly writes too, a second
+    tool) is not ours to delete. A reused pid only keeps a leftover for a later run to remove."""
+    if not path.name.startswith(TMP_PREFIX):
+        return False
+    pid = path.name.rpartition("-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return not pid.isdigit()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _put_in_place(tmp: Path, final: Path) -> None:

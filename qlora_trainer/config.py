@@ -196,6 +196,7 @@ class TrainConfig(_Section):
     seed: int = 0
     max_bad_steps: int = 10
     report_to: typing.Union[str, typing.List[str]] = NO_TRACKER  # none, tensorboard, wandb, mlflow, or a list
+    ddp_timeout: float = 1800.0  # seconds a process waits for the others (accelerate launch) before it gives up
     _section = "train"
 
     def _check(self):
@@ -219,6 +220,7 @@ class TrainConfig(_Section):
         self._need("weight_decay", self.weight_decay >= 0, "0 or more", 0.0)
         self._need("max_grad_norm", self.max_grad_norm > 0, "positive", 0.3)
         self._need("seed", self.seed >= 0, "0 or more", 0)
+        self._need("ddp_timeout", self.ddp_timeout > 0 and math.isfinite(self.ddp_timeout), "positive seconds", 1800)
         names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         for name in names:
             if name not in TRACKERS:

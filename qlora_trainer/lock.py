@@ -6,7 +6,8 @@ kill, power loss of the process), so a killed run never leaves the folder stuck:
 takes the lock and writes its own pid. We use the lock, not pid liveness, to decide: a pid can be reused by an
 unrelated process, a flock cannot outlive its holder. The pid in the file is only for the message.
 
-Under `accelerate launch` every process of one run trains into the same OUT: only global rank 0 takes the lock.
+Under `accelerate launch` every process of one run trains into the same OUT: only global rank 0 takes the lock, and
+train.Run hands the outcome to the other ranks (distributed.World.main_does), so a refusal stops all of them.
 """
 
 from __future__ import annotations

@@ -109,6 +109,33 @@ def quantized_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def store_as(model: nn.Module, dtype: torch.dtype) -> int:
+    """Re-label the packed NF4 bytes of every 4-bit linear as `dtype` (bitsandbytes' `quant_storage`) without
+    touching a bit: FSDP shards only float tensors, so FSDP-QLoRA stores the packed weight in the compute dtype (the
+    documented bitsandbytes path). bitsandbytes' kernels view such storage back as uint8. Returns the layers changed."""
+    changed = 0
+    for module in model.modules():
+        if not is_nf4_linear(module) or module.weight.dtype == dtype:
+            continue
+        weight = module.weight
+        packed = weight.data.reshape(-1).view(torch.uint8).view(dtype).unsqueeze(1)  # (bytes / itemsize, 1)
+        module.weight = bnb.nn.Params4bit(
+            packed, requires_grad=False, quant_state=weight.quant_state, blocksize=BLOCKSIZE,
+            compress_statistics=DOUBLE_QUANT, quant_type=QUANT_TYPE, quant_storage=dtype, module=module,
+            bnb_quantized=True,
+        )
+        module.quant_storage = dtype
+        changed += 1
+    return changed
+
+
+def packed_bytes(module: nn.Module) -> int:
+    """Bytes of a 4-bit linear's packed weight as this process holds it (its shard under FSDP)."""
+    data = module.weight.data
+    local = data.to_local() if hasattr(data, "to_local") else data  # an FSDP2 shard is a DTensor
+    return local.numel() * local.element_size()
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """adamw (torch, fp32 state), adamw_8bit or paged_adamw_8bit (bitsandbytes, 8-bit state)."""
     if name == "adamw":

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from qlora_trainer import atomic, lock, tasks, trackers
+from qlora_trainer import atomic, distributed, lock, tasks, trackers
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.adapter import copy_weights_into, read_adapter, save_adapter, write_model_adapter
 from qlora_trainer.base_model import resolve_base
@@ -118,6 +118,9 @@ class Run:
     def __init__(self, cfg: RunConfig, *, progress: bool | None = None, log=say, stop: StopRequest | None = None):
         self.cfg, self.out, self.log, self.stop = cfg, Path(cfg.out), log, stop
         self.progress = bars() if progress is None else progress
+        self.world = distributed.World.from_env(cfg.train.ddp_timeout)  # accelerate launch: this process's rank
+        if not self.world.is_main:  # the main process speaks for the run
+            self.log, self.progress = distributed.quiet, False
         self.task = tasks.get(cfg.model.task)
         self.start_step = self.skipped = self.last_saved = 0
         self.history: list[dict] = []
@@ -136,21 +139,25 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def setup(self, run_lock: lock.RunLock | None = None) -> Run:
+        distributed.check_batch(self.cfg.train.batch_size, self.world, resuming=self.cfg.resume)
         self._load_data()
         self._plan_steps()
         self._load_model()
         self._make_optimizer()
-        if run_lock is not None:
-            run_lock.acquire()  # creates `out`; refuses if another run holds it
+        if run_lock is not None:  # creates `out`; refuses (on every rank) if another run holds it
+            self.world.main_does("taking the lock on out", run_lock.acquire)
         if self.cfg.resume:
             self._resume()  # before config.yaml: a refused resume leaves the run's files as they were
-        save_config(self.cfg, self.out / RUN_CONFIG_FILE)
         self.history = read_metrics(self.out, up_to=self.start_step)
-        write_metrics(self.out, self.history)
+        self.world.main_does("writing config.yaml and metrics.jsonl", self._write_run_files)
         if self.start_step:
             self._restore_last_metrics()
         self._start_trackers()
         return self
+
+    def _write_run_files(self) -> None:
+        save_config(self.cfg, self.out / RUN_CONFIG_FILE)
+        write_metrics(self.out, self.history)
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -182,7 +189,8 @@ class Run:
     def _load_model(self) -> None:
         cfg = self.cfg
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
-                                       log_with=trackers.make_trackers(cfg.train.trackers, self.out) or None)
+                                       log_with=trackers.make_trackers(cfg.train.trackers, self.out) or None,
+                                       kwargs_handlers=distributed.accelerate_kwargs(self.world))
         set_seed(cfg.train.seed)
         with phase(f"loading the model {self.base.name}", self.log):
             self.model = load_quantized(self.base, compute_dtype=cfg.model.compute_dtype,
@@ -197,6 +205,8 @@ class Run:
             enable_checkpointing(self.model)
         self.model.train()
         self.params = list(lora_state_dict(self.model).values()) + full
+        if self.world.distributed:
+            distributed.prepare_model(self.model, self.params, self.world, self.model.dtype, cfg.train.seed, self.log)
 
     def _start_trackers(self) -> None:
         """train.report_to's trackers (accelerate's init_trackers), with the resolved config as hyperparameters; a
@@ -222,7 +232,8 @@ class Run:
         train_cfg = self.train_cfg
         optimizer = make_optimizer(train_cfg.optimizer, self.params, train_cfg.lr, train_cfg.weight_decay)
         objective = self.task.loss_module(self.model, train_cfg.loss_chunk_size)
-        self.loss_model, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        self.loss_model, self.optimizer = ((objective, optimizer) if self.world.distributed  # no DDP wrapper:
+                                           else self.accelerator.prepare(objective, optimizer))  # see distributed.py
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.out, warn=self.log)
@@ -241,7 +252,7 @@ class Run:
             raise UserError(f"out={self.out}: its newest checkpoint is at step {step}, past this config's "
                             f"{self.max_steps} steps: raise train.max_steps to go on, or choose another out to "
                             f"start a new run")
-        ckpt.set_rng_state(state["rng"])
+        distributed.restore_rng(state, self.world, self.cfg.train.seed, step, self.log)
         self.log(f"resumed from {folder} (step {step})")
         if state.get("max_steps") not in (None, self.max_steps) and step < self.max_steps:
             self.log(f"note: the checkpoint belongs to a run of {state['max_steps']} steps, this one has "
@@ -284,7 +295,7 @@ class Run:
             self.stop.training = True
         try:
             for step in bar:
-                if self.stop is not None and self.stop.requested:
+                if self.stop is not None and self.world.any(self.stop.requested, "agreeing on a stop request"):
                     self._interrupt(step)
                 bad_in_a_row, recent = self._one_step(step, bad_in_a_row, recent, bar)
         finally:
@@ -317,11 +328,15 @@ class Run:
     def step(self, step: int) -> tuple[float, float, bool]:
         """Optimizer step `step` (0-based) on its micro-batches: (loss, grad_norm, ok), as training.train_step."""
         train_cfg = self.train_cfg
+        shares = distributed.rank_share(self.batch_indices(step), train_cfg.batch_size, self.world)
         micro = [to_device(collate([self.train_examples[i] for i in idx], self.pad_id), self.accelerator.device)
-                 for idx in self.batch_indices(step)]
-        self.window_tokens += sum(count_tokens(mb) for mb in micro)
+                 for idx, _ in shares]
+        weights = [w for _, w in shares]
+        self.window_tokens += int(self.world.sum([sum(w * count_tokens(mb) for mb, w in zip(micro, weights))],
+                                                 "counting the step's input tokens")[0])
         self.loss, grad_norm, ok = train_step(self.loss_model, micro, self.optimizer, self.params,
-                                              lr_at(step, train_cfg), train_cfg.max_grad_norm, self.accelerator)
+                                              lr_at(step, train_cfg), train_cfg.max_grad_norm, self.accelerator,
+                                              self.world, weights)
         return self.loss, grad_norm, ok
 
     def batch_indices(self, step: int) -> list[list[int]]:
@@ -339,18 +354,19 @@ class Run:
     def save_checkpoint(self, done: int) -> Path:
         """checkpoints/step-NNNNNN: the adapter, the optimizer state, the RNG states and the counters (with the
         step's loss and the latest eval, which a resumed run reports)."""
-        state = {"rng": ckpt.rng_state(), "skipped_steps": self.skipped, "max_steps": self.max_steps,
+        state = {**distributed.rng_states(self.world), "skipped_steps": self.skipped, "max_steps": self.max_steps,
                  "loss": self.loss, "eval_metrics": self.eval_metrics}
         settings = self._adapter_settings()
-        path = ckpt.save_checkpoint(self.out, done, lambda folder: write_model_adapter(self.model, folder, **settings),
-                                    self.optimizer, state, self.train_cfg.keep_checkpoints)
+        self.world.main_does(f"writing the step-{done} checkpoint", lambda: ckpt.save_checkpoint(
+            self.out, done, lambda folder: write_model_adapter(self.model, folder, **settings), self.optimizer,
+            state, self.train_cfg.keep_checkpoints))
         self.last_saved = done
-        return path
+        return ckpt.checkpoint_dir(self.out, done)
 
     def finish(self) -> TrainResult:
         """OUT/adapter and OUT/loss.png, the adapter's rank verdict in the log, and the result."""
         with phase(f"saving the adapter to {self.out / ADAPTER_DIR}", self.log):
-            self._save_adapter()
+            self.world.main_does("saving the adapter", self._save_adapter)
         self.end_trackers()
         self.log(f"adapter: {verdict(model_spectra(self.model))}; "
                  f"details: qlora-trainer inspect {self.out / ADAPTER_DIR}")
@@ -382,7 +398,7 @@ class Run:
             checkpoint = ckpt.checkpoint_dir(self.out, done)
         if done > 0:
             with phase(f"stopping after step {done}: saving the adapter to {self.out / ADAPTER_DIR}", self.log):
-                self._save_adapter()
+                self.world.main_does("saving the adapter", self._save_adapter)
         raise Interrupted(self.out, done, self.max_steps, self.stop.signum, checkpoint)
 
     def _log_row(self, step: int, grad_norm: float, evaluated: bool, bar) -> None:
@@ -394,7 +410,8 @@ class Run:
         if evaluated:
             row.update(self.eval_metrics)  # eval_loss (+ eval_accuracy, eval_f1 for a classifier)
         self.history.append(row)
-        append_metric(self.out, row)
+        if self.world.is_main:
+            append_metric(self.out, row)
         if self.tracking:  # the same row, at the same step, to train.report_to's trackers
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         fields = {"loss": f"{self.loss:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}",

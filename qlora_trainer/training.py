@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from qlora_trainer import atomic
+from qlora_trainer.distributed import World
 from qlora_trainer.names import IGNORE_INDEX, METRICS_FILE
 
 
@@ -98,17 +99,24 @@ def to_device(batch: dict, device) -> dict:
 
 
 def train_step(loss_model, micro_batches: list[dict], optimizer, params: list[torch.nn.Parameter], lr: float,
-               max_grad_norm: float, accelerator: Accelerator) -> tuple[float, float, bool]:
+               max_grad_norm: float, accelerator: Accelerator, world: World = World(),
+               weights: list[float] | None = None) -> tuple[float, float, bool]:
     """One optimizer step over grad_accum micro-batches. The loss is the mean over all trained tokens of the
-    step (not a mean of per-batch means, which over-weights short batches). Returns (loss, grad_norm, ok):
-    a non-finite loss or gradient skips the update and leaves the adapter untouched."""
-    total_tokens = sum(trained_count(mb["labels"]) for mb in micro_batches)
+    step (not a mean of per-batch means, which over-weights short batches), on all of `world`'s ranks together
+    (distributed.py): each rank divides by the global token count and the gradients are summed across ranks.
+    `weights`: 1 per micro-batch, 0 for a stand-in that must run but add nothing (distributed.rank_share).
+    Returns (loss, grad_norm, ok): a non-finite loss or gradient skips the update and leaves the adapter untouched."""
+    weights = weights or [1.0] * len(micro_batches)
+    local_tokens = sum(w * trained_count(mb["labels"]) for mb, w in zip(micro_batches, weights))
+    total_tokens, = world.sum([local_tokens], "counting the step's trained tokens")
     loss_sum = 0.0
-    for mb in micro_batches:
+    for mb, w in zip(micro_batches, weights):
         with accelerator.autocast():
             summed, _ = loss_model(**mb)
-        accelerator.backward(summed / max(total_tokens, 1))
-        loss_sum += float(summed.detach())
+        accelerator.backward(summed * w / max(total_tokens, 1))
+        loss_sum += w * float(summed.detach())
+    loss_sum, = world.sum([loss_sum], "summing the step's loss")
+    world.sum_grads(params)
     loss = loss_sum / max(total_tokens, 1)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     ok = math.isfinite(loss) and math.isfinite(grad_norm)

@@ -405,7 +405,9 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(finished_run, tm
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000004"]
     ckpt.verify_checkpoint(run / "checkpoints" / "step-000004")
     leftover = next((run / "checkpoints").glob(".tmp-*"))
-    leftover.rename(leftover.with_name(leftover.name.rsplit("-", 1)[0] + "-1"))  # as if left by a dead pid 1
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # as if left by a process that has ended (a live writer's temp folder is kept: test_distributed)
+    leftover.rename(leftover.with_name(leftover.name.rsplit("-", 1)[0] + f"-{ended.pid}"))
     ckpt._prune(run / "checkpoints", keep=1)  # the next run's prune removes it
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004"]
 

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from qlora_trainer import progress, tasks
     from qlora_trainer.cli import data
     from qlora_trainer.config import load_config
+    from qlora_trainer.distributed import World
     from qlora_trainer.stopping import Interrupted, StopRequest
     from qlora_trainer.train import train
 
@@ -35,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         with _handling(stop, signal.SIGINT, signal.SIGTERM):
             result = train(cfg, progress=progress.bars(), stop=stop)
     except Interrupted as stopped:
-        print(_interrupted_message(stopped, args), flush=True)
+        if World.from_env().is_main:  # under accelerate launch the main process speaks for the run
+            print(_interrupted_message(stopped, args), flush=True)
         return 128 + stopped.signum  # 130 for SIGINT, 143 for SIGTERM: the shell's convention
+    if not World.from_env().is_main:
+        return 0
     metrics = (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "") \
         + tasks.get(cfg.model.task).summary(result.eval_metrics) \
         + (f", {result.skipped_steps} skipped (non-finite)" if result.skipped_steps else "")
