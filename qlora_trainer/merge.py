@@ -33,8 +33,10 @@ from qlora_trainer import atomic, libc, quant, tasks
 from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
 from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
 from qlora_trainer.errors import ArgumentError, UserError
-from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
-                                   swap_in_nf4_linears)
+from qlora_trainer.expert_layout import CheckpointLayout, ExpertGroup
+from qlora_trainer.experts import expert_parameter_names
+from qlora_trainer.loading import build_empty_model, expected_shapes, is_other_task_head, swap_in_nf4_linears
+from qlora_trainer.merge_experts import ExpertDelta, merged_expert_tensors
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES,
                                  DTYPE_NAMES, MERGE_INTO, MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES,
                                  RUN_CONFIG_FILE, dtype_name, torch_dtype)
@@ -93,6 +95,8 @@ class _Entry:
     lora: tuple[torch.Tensor, torch.Tensor] | None = None
     quantized: bool = False
     conv1d: bool = False
+    group: ExpertGroup | None = None  # a tensor of a fused expert parameter (merge_experts.py)
+    expert_delta: ExpertDelta | None = None  # on a group's entries: the LoRA update of its experts, if any
 
     @property
     def nbytes(self) -> int:
@@ -108,8 +112,8 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
     check_base_fingerprint(adapter, model)
     swapped = swap_in_nf4_linears(model, compute_dtype)
     expected = expected_shapes(model, swapped)
-    prefix = getattr(model, "base_model_prefix", "model")
     files = checkpoint_files(base.path)
+    layout = CheckpointLayout(model, files, expected, expert_parameter_names(model))
     headers = header_entries(files)
 
     entries, by_param = [], {}
@@ -118,11 +122,11 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
             if is_other_task_head(model, key):
                 continue
             shape, dtype = headers[key]
-            param = checkpoint_key_to_param(key, expected, prefix)
+            param = layout.param_of(key)
             target = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
-            entry = _Entry(key, file, shape, target, param)
+            entry = _Entry(key, file, shape, target, param, group=layout.group_of(key))
             entries.append(entry)
-            if param is not None:
+            if param is not None and entry.group is None:
                 by_param[param] = entry
 
     adapter_file = adapter.file(ADAPTER_WEIGHTS_FILE)
@@ -150,6 +154,9 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
 
     for param, tensor in adapter.extra.items():  # tensors trained in full (modules_to_save): replace or add
         tensor_dtype = out_dtype or (by_param[param].out_dtype if param in by_param else tensor.dtype)
+        if param in layout.groups:
+            raise UserError(f"{adapter_file}: adapter replaces the expert weight {param!r} in full, which merge "
+                            "cannot write back into the checkpoint's expert layout")
         if param in by_param:
             if tuple(tensor.shape) != by_param[param].shape:
                 raise UserError(f"{adapter_file}: tensor {param!r} has shape {tuple(tensor.shape)}, but the base has "
@@ -157,7 +164,22 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
             by_param[param].file, by_param[param].out_dtype = None, tensor_dtype
         else:
             entries.append(_Entry(param, None, tuple(tensor.shape), tensor_dtype, param))
-    return entries
+    return _output_order(entries)
+
+
+def _output_order(entries: list[_Entry]) -> list[_Entry]:
+    """Checkpoint order, except that the tensors of a fused expert parameter come together where its last tensor is
+    read: merge fuses them, merges and splits them back as one (merge_experts.py)."""
+    out, waiting = [], {}
+    for entry in entries:
+        if entry.group is None:
+            out.append(entry)
+            continue
+        group = waiting.setdefault(entry.group.param, [])
+        group.append(entry)
+        if len(group) == len(entry.group.keys):
+            out.extend(waiting.pop(entry.group.param))
+    return out
 
 
 def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -178,29 +200,57 @@ def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
 def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: torch.dtype, progress: bool):
     """Yield (entry, output tensor) in checkpoint order, reading one base tensor at a time."""
     from_checkpoint = {e.key: e.file for e in entries if e.file is not None}
-    by_key = {e.key: e for e in entries}
     stream = stream_tensors(from_checkpoint, torch.device("cpu"))
+    read: dict[str, torch.Tensor] = {}  # tensors of a fused expert parameter, until its last one is read
+
+    def tensor_of(key: str) -> torch.Tensor:
+        while key not in read:
+            name, tensor, _ = next(stream)
+            read[name] = tensor
+        return read.pop(key)
+
+    experts_out: dict[str, torch.Tensor] = {}  # the merged tensors of the current expert group, by checkpoint key
     bar = tqdm(total=len(entries), desc=f"merging ({into})", unit="tensor", disable=not progress, leave=False)
     for entry in entries:
         if entry.file is None:
             tensor = adapter.extra[entry.param]
+        elif entry.group is not None:
+            if entry.key not in experts_out:
+                experts_out = _merged_group(entry, {k: tensor_of(k) for k in entry.group.keys}, into, compute_dtype)
+            tensor = experts_out.pop(entry.key)
+            _check_finite(entry, tensor)
         else:
-            key, tensor, _ = next(stream)
-            assert key == entry.key and by_key[key] is entry
+            tensor = tensor_of(entry.key)
             if entry.lora is not None:
                 tensor = merge_weight(tensor, *entry.lora, adapter.scale, into=into, compute_dtype=compute_dtype,
                                       quantized=entry.quantized, conv1d=entry.conv1d)
             elif into == "dequantized" and entry.quantized:
                 tensor = base_weight(tensor, into=into, compute_dtype=compute_dtype, quantized=True,
                                      conv1d=entry.conv1d)
-            if not torch.isfinite(tensor).all() and tensor.is_floating_point():
-                raise UserError(f"{entry.file}: merged tensor {entry.key!r} has NaN/inf values: "
-                                "the adapter or the checkpoint is corrupt")
+            _check_finite(entry, tensor)
         yield entry, tensor.to(entry.out_dtype)
         del tensor
         libc.malloc_trim()
         bar.update(1)
     bar.close()
+
+
+def _merged_group(entry: _Entry, tensors: dict[str, torch.Tensor], into: str,
+                  compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    group = entry.group
+    try:
+        fused = group.fuse(tensors)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"{entry.file}: the tensors of {group.param} ({group.keys[0]}, ...) do not fuse into it "
+                        f"({err}): the checkpoint and config.json disagree") from None
+    del tensors
+    return merged_expert_tensors(group, fused, into=into, compute_dtype=compute_dtype, delta=entry.expert_delta)
+
+
+def _check_finite(entry: _Entry, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise UserError(f"{entry.file}: merged tensor {entry.key!r} has NaN/inf values: "
+                        "the adapter or the checkpoint is corrupt")
 
 
 def _merged_config(base: BaseModel, out_dtype: torch.dtype | None, task: Task, adapter: Adapter) -> dict:
