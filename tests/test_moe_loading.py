@@ -214,3 +214,21 @@ def test_training_lowers_the_loss_on_a_tiny_moe(tiny_moe, tmp_path):
               if "loss" in json.loads(line)]
     assert len(losses) == 16
     assert losses[-1] < 0.85 * losses[0]  # from ln(vocab) = 6.2 to about 4.9 (attention LoRA alone)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"])
+def test_estimate_counts_the_experts_as_4_bit(tiny_moe, arch):
+    """estimate's NF4 bytes, from config.json alone, are the bytes our load holds in its 4-bit linears and NF4
+    experts; and far below the same experts in the compute dtype."""
+    from qlora_trainer.estimate import RunSettings, estimate_memory
+
+    layout = LAYOUTS[arch][0]
+    folder = tiny_moe[arch, layout]
+    model = load_ours(folder)
+    held = sum(quant.quantized_bytes(m) for m in model.modules() if quant.is_nf4_linear(m))
+    experts = sum(m.nbytes() for m in model.modules() if is_nf4_experts(m))
+    config = json.loads((folder / "config.json").read_text())
+    estimate = estimate_memory(config, RunSettings(compute_dtype="fp32", targets=["q_proj", "v_proj"]))
+    assert estimate.quantized_weights == held + experts
+    dense_experts = sum(m.shape.numel() for m in model.modules() if is_nf4_experts(m)) * 4
+    assert experts < 0.15 * dense_experts
