@@ -20,6 +20,7 @@ experts_implementation="eager" for every model we load, which keeps the per-expe
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -74,6 +75,11 @@ class NF4ExpertWeights(nn.Module):
         e = int(e)
         if not -self.num_experts <= e < self.num_experts:
             raise IndexError(f"expert {e} of {self.num_experts}")
+        weight = self._dequantize(e)
+        _HANDED_OUT[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), self, e)
+        return weight
+
+    def _dequantize(self, e: int) -> torch.Tensor:
         return quant.dequantize_nf4_parts(self.packed[e], self.absmax[e], self.absmax2[e], self.offset[e],
                                           self.shape[1:], self.dtype, self.code, self.code2)
 
@@ -86,6 +92,49 @@ class NF4ExpertWeights(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.shape)}, dtype={self.dtype}, nf4"
+
+
+# ---------------------------------------------------------------------------------------- backward without copies
+#
+# The experts forward computes F.linear(x, experts.gate_up_proj[e]); autograd saves that dequantized weight for x's
+# gradient, so one forward would keep every routed expert of every layer in full precision until the backward.
+# While an experts module runs, saved-tensor hooks store such a weight as (storage, e) instead, and the backward
+# dequantizes it again: the NF4 codes are the only copy, as bitsandbytes' MatMul4Bit does for a 4-bit linear.
+# Under activation checkpointing the layer's recomputation runs the same hooks, so what checkpointing stores stays
+# the same in both passes.
+
+_HANDED_OUT: dict[int, tuple] = {}  # storage address of a weight __getitem__ returned -> (weakref, storage, e)
+
+
+def _pack(tensor: torch.Tensor):
+    try:
+        entry = _HANDED_OUT.get(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # a tensor without a plain storage: never one of ours
+        return tensor
+    if entry is None or entry[0]() is None:
+        return tensor
+    _, storage, e = entry
+    return (storage, e, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+
+def _unpack(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    storage, e, size, stride, offset = packed
+    return storage._dequantize(e).as_strided(size, stride, offset)  # the same view of the weight autograd saved
+
+
+def _enter_hooks(module: nn.Module, args) -> None:
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    hooks.__enter__()
+    module._qlora_saved_hooks = hooks
+
+
+def _exit_hooks(module: nn.Module, args, output) -> None:
+    hooks = module.__dict__.pop("_qlora_saved_hooks", None)
+    if hooks is not None:
+        hooks.__exit__(None, None, None)
+    _HANDED_OUT.clear()  # the weights handed out during this forward are saved as (storage, e) or gone
 
 
 def is_nf4_experts(module: nn.Module) -> bool:
@@ -124,4 +173,8 @@ def swap_in_nf4_experts(model: nn.Module, compute_dtype: torch.dtype,
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         module.add_module(attr, storage)
+    for module_name in {name.rpartition(".")[0] for name in swapped}:
+        experts = model.get_submodule(module_name)
+        experts.register_forward_pre_hook(_enter_hooks)
+        experts.register_forward_hook(_exit_hooks, always_call=True)
     return swapped

@@ -232,3 +232,51 @@ def test_estimate_counts_the_experts_as_4_bit(tiny_moe, arch):
     assert estimate.quantized_weights == held + experts
     dense_experts = sum(m.shape.numel() for m in model.modules() if is_nf4_experts(m)) * 4
     assert experts < 0.15 * dense_experts
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_the_backward_keeps_no_dequantized_expert_alive_and_gets_the_same_gradients(tiny_moe, monkeypatch,
+                                                                                     checkpointing):
+    """Between forward and backward, no dequantized expert weight stays alive (autograd keeps (storage, e) and
+    dequantizes again), where transformers' forward alone would keep every routed expert; and the LoRA gradients
+    equal those of the same model with the experts' saved-tensor hooks removed (weights kept as they are)."""
+    from qlora_trainer import experts as experts_mod
+    from qlora_trainer.lora import apply_lora
+    from qlora_trainer.training import enable_checkpointing
+
+    ids = random_ids(500, length=24, seed=1)
+
+    def run(hooks: bool):
+        model = load_ours(tiny_moe["qwen3_moe", "per_expert"])
+        if not hooks:
+            for module in model.modules():
+                if experts_mod.is_experts_module(module):
+                    module._forward_pre_hooks.clear()
+                    module._forward_hooks.clear()
+        apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data.normal_(0, 0.1)
+        model.train()
+        if checkpointing:
+            enable_checkpointing(model)
+        alive = []
+        real = NF4ExpertWeights._dequantize
+        monkeypatch.setattr(NF4ExpertWeights, "_dequantize", lambda self, e: alive.append(weakref.ref(
+            w := real(self, e))) or w)
+        loss = model(input_ids=ids, labels=ids).loss
+        held = sum(ref() is not None for ref in alive)
+        loss.backward()
+        monkeypatch.setattr(NF4ExpertWeights, "_dequantize", real)
+        return held, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    held, grads = run(hooks=True)
+    held_without, reference = run(hooks=False)
+    assert held == 0
+    if not checkpointing:
+        assert held_without >= 2 * 2  # at least one routed expert's two weights per layer, kept by autograd
+    assert grads.keys() == reference.keys()
+    for name in grads:
+        assert torch.equal(grads[name], reference[name]), name
