@@ -252,12 +252,10 @@ def layer_backward_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
 
 
 def dequantized_weight_bytes(shape: ModelShape, run: RunSettings) -> int:
-    """bnb dequantizes a 4-bit weight to the compute dtype for each matmul; the largest one, transiently. A MoE
-    layer recomputed for its backward also keeps each routed expert's dequantized weights (F.linear saves them)."""
+    """bnb dequantizes a 4-bit weight to the compute dtype for each matmul; the largest one, transiently. NF4
+    experts likewise, one expert's weight at a time (experts.py: the backward dequantizes them again)."""
     a = DTYPE_BYTES[run.compute_dtype]
-    largest = a * max([o * i for o, i in shape.linear_shapes().values()] + [2 * shape.expert_intermediate * shape.hidden])
-    routed = min(shape.experts, run.tokens * shape.experts_per_token)
-    return largest + a * routed * 3 * shape.expert_intermediate * shape.hidden
+    return a * max([o * i for o, i in shape.linear_shapes().values()] + [2 * shape.expert_intermediate * shape.hidden])
 
 
 def loss_bytes(shape: ModelShape, run: RunSettings) -> int:
@@ -350,8 +348,9 @@ def format_table(b: MemoryBreakdown, shape: ModelShape, run: RunSettings) -> str
         ("CUDA context + allocator overhead", b.cuda_overhead),
     ]
     width = max(len(label) for label, _ in rows)
+    targeted = len(set(run.targets) & set(shape.linear_shapes()))  # a MoE layer has no dense MLP linears
     head = (f"{shape.model_type}: hidden {shape.hidden}, {shape.layers} layers, vocab {shape.vocab} | "
-            f"seq {run.seq_len} x batch {run.batch_size}, r {run.rank} on {len(run.targets)} linears/layer")
+            f"seq {run.seq_len} x batch {run.batch_size}, r {run.rank} on {targeted} linears/layer")
     lines = [head, f"{'':{width}}   GiB"]
     lines += [f"{label:<{width}} {value / GIB:6.2f}" for label, value in rows]
     lines.append(f"{'total (peak)':<{width}} {b.total / GIB:6.2f}")
