@@ -21,12 +21,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key, rename_source_key,
                                              revert_weight_conversion)
+
+from qlora_trainer.errors import UserError
 
 
 @dataclass
@@ -132,6 +135,24 @@ class CheckpointLayout:
     def per_expert_keys(self) -> bool:
         """Whether any expert parameter is stored per expert (the layout merge writes back)."""
         return any(not g.fused_in_checkpoint for g in self.groups.values())
+
+
+def fuse_or_error(group: ExpertGroup, tensors: dict[str, torch.Tensor], file: Path) -> torch.Tensor:
+    """group.fuse, with per-expert shapes that do not stack or concatenate as one UserError naming the file."""
+    try:
+        return group.fuse(tensors)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"{file}: the per-expert tensors of {group.param} ({group.keys[0]}, ...) do not fuse into "
+                        f"it ({err}): the checkpoint and config.json disagree") from None
+
+
+def unexpected_tensor_message(model: nn.Module, key: str, file: Path) -> str:
+    """What to say about a checkpoint tensor no parameter takes."""
+    if looks_per_expert(key):
+        return (f"{file}: unexpected tensor {key!r}: a per-expert tensor, and transformers has no weight conversion "
+                f"for {type(model).__name__} (model_type={model.config.model_type!r}) that fuses it into the model's "
+                "experts; store the experts fused as the model defines them (save_pretrained of transformers >= 5)")
+    return f"{file}: unexpected tensor {key!r}: this checkpoint does not match its config.json ({type(model).__name__})"
 
 
 def looks_per_expert(key: str) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qlora_trainer import quant
+from qlora_trainer.errors import UserError
 
 
 class NF4ExpertWeights(nn.Module):
@@ -171,7 +172,9 @@ def swap_in_nf4_experts(model: nn.Module, compute_dtype: torch.dtype,
         try:
             storage = NF4ExpertWeights(shape, compute_dtype, device)
         except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+            raise UserError(f"{name}: {err}: this architecture's config.json ({type(model.config).__name__}) cannot "
+                            f"store its experts in 4 bits; use a model whose expert sizes are multiples of "
+                            f"{quant.BLOCKSIZE}") from None
         module.add_module(attr, storage)
     for module_name in {name.rpartition(".")[0] for name in swapped}:
         experts = model.get_submodule(module_name)

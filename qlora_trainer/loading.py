@@ -31,9 +31,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import libc, quant
-from qlora_trainer.base_model import BaseModel, checkpoint_files, resolve_base, stream_tensors
+from qlora_trainer.base_model import BaseModel, checkpoint_files, refuse_prequantized, resolve_base, stream_tensors
 from qlora_trainer.errors import UserError
-from qlora_trainer.expert_layout import CheckpointLayout, looks_per_expert
+from qlora_trainer.expert_layout import CheckpointLayout, fuse_or_error, unexpected_tensor_message
 from qlora_trainer.experts import is_nf4_experts, swap_in_nf4_experts
 from qlora_trainer.lora import linear_shape
 from qlora_trainer.names import (ATTN_IMPLEMENTATIONS, AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES,
@@ -187,16 +187,6 @@ def swap_in_nf4_linears(model: nn.Module, compute_dtype: torch.dtype) -> dict[st
     return swapped
 
 
-def swap_experts(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> dict[str, torch.Size]:
-    """Each 3-D expert weight -> an empty NF4ExpertWeights (experts.py). Returns {path: fused shape}."""
-    try:
-        return swap_in_nf4_experts(model, compute_dtype, device)
-    except ValueError as err:
-        raise UserError(f"{err}: this architecture's config.json ({type(model.config).__name__}) cannot store its "
-                        f"experts in 4 bits; use a model whose expert sizes are multiples of {quant.BLOCKSIZE}") \
-            from None
-
-
 # ---------------------------------------------------------------------------------------- filling the skeleton
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, swapped: dict[str, str],
@@ -284,14 +274,14 @@ def fill_from_checkpoint(model: nn.Module, info: LoadInfo, device: torch.device,
         if name is None:
             if _ignorable(model, key):
                 continue
-            raise UserError(_unexpected_tensor(model, key, file))
+            raise UserError(unexpected_tensor_message(model, key, file))
         group = layout.group_of(key)
         if group is not None and not group.fused_in_checkpoint:
             waiting.setdefault(name, {})[key] = tensor
             del tensor
             if len(waiting[name]) < len(group.keys):
                 continue
-            tensor = _fuse(group, waiting.pop(name), file)
+            tensor = fuse_or_error(group, waiting.pop(name), file)
         if tensor.shape != expected[name]:
             shown = key if group is None or group.fused_in_checkpoint else f"{name} (fused from {len(group.keys)} " \
                                                                             "per-expert tensors)"
@@ -303,22 +293,6 @@ def fill_from_checkpoint(model: nn.Module, info: LoadInfo, device: torch.device,
         libc.malloc_trim()
     bar.close()
     _tie_and_check_missing(model, expected, loaded | info.new_params, model_dir)
-
-
-def _fuse(group, tensors: dict[str, torch.Tensor], file: Path) -> torch.Tensor:
-    try:
-        return group.fuse(tensors)
-    except (RuntimeError, ValueError) as err:  # per-expert shapes that do not stack or concatenate
-        raise UserError(f"{file}: the per-expert tensors of {group.param} ({group.keys[0]}, ...) do not fuse into "
-                        f"it ({err}): the checkpoint and config.json disagree") from None
-
-
-def _unexpected_tensor(model: nn.Module, key: str, file: Path) -> str:
-    if looks_per_expert(key):
-        return (f"{file}: unexpected tensor {key!r}: a per-expert tensor, and transformers has no weight conversion "
-                f"for {type(model).__name__} (model_type={model.config.model_type!r}) that fuses it into the model's "
-                "experts; store the experts fused as the model defines them (save_pretrained of transformers >= 5)")
-    return f"{file}: unexpected tensor {key!r}: this checkpoint does not match its config.json ({type(model).__name__})"
 
 
 def _tie_and_check_missing(model: nn.Module, expected: dict[str, torch.Size], loaded: set[str],
@@ -361,11 +335,11 @@ def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | 
                         f"{device.type}: use model.attn_implementation=auto (sdpa, or eager where the architecture "
                         "has no sdpa)")
     base = resolve_base(path, trust_remote_code=trust_remote_code)
-    _refuse_prequantized(base)
+    refuse_prequantized(base)
     model = build_empty_model(base.fresh_config(), task=task, num_labels=num_labels, compute_dtype=dtype,
                               trust_remote_code=base.trust_remote_code, attn_implementation=attn_implementation)
     info = LoadInfo(swap_in_nf4_linears(model, dtype), base.path, attn_implementation=chosen_attn_implementation(model))
-    info.experts = swap_experts(model, dtype, device)
+    info.experts = swap_in_nf4_experts(model, dtype, device)
     if attn_implementation == AUTO and info.attn_implementation != "sdpa":
         (log or logger.info)(f"attention: {info.attn_implementation} (model.attn_implementation=auto: transformers has "
                              f"no sdpa attention for {type(model).__name__})")
@@ -374,16 +348,6 @@ def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | 
         info.new_params = _init_new_head(model, info, layout, dtype, device)
     fill_from_checkpoint(model, info, device, dtype, progress=progress, layout=layout)
     return _finish(model, info, device)
-
-
-def _refuse_prequantized(base: BaseModel) -> None:
-    """A checkpoint stored quantized (gpt-oss's MXFP4 experts, GPTQ, AWQ, FP8): we quantize from full precision."""
-    qc = base.raw_config.get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise UserError(f"{base.path / 'config.json'}: this checkpoint is stored quantized (quantization_config "
-                        f"quant_method={method!r}; its weights, e.g. MXFP4 experts as *_blocks/*_scales, are not "
-                        "full precision): use the model's bf16/fp16/fp32 release, which we quantize to NF4 ourselves")
 
 
 def _init_new_head(model: nn.Module, info: LoadInfo, layout: CheckpointLayout, dtype: torch.dtype,
@@ -421,7 +385,7 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
     dtype = resolve_dtype(compute_dtype, device)
     model = build_empty_model(config, compute_dtype=dtype)
     swapped = swap_in_nf4_linears(model, dtype)
-    experts = swap_experts(model, dtype, device)
+    experts = swap_in_nf4_experts(model, dtype, device)
     shapes = expected_shapes(model, swapped, experts)
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)

@@ -33,7 +33,7 @@ from qlora_trainer import atomic, libc, quant, tasks
 from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
 from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
 from qlora_trainer.errors import ArgumentError, UserError
-from qlora_trainer.expert_layout import CheckpointLayout, ExpertGroup
+from qlora_trainer.expert_layout import CheckpointLayout, ExpertGroup, fuse_or_error
 from qlora_trainer.experts import expert_parameter_names
 from qlora_trainer.loading import build_empty_model, expected_shapes, is_other_task_head, swap_in_nf4_linears
 from qlora_trainer.merge_experts import ExpertDelta, merged_expert_tensors
@@ -237,14 +237,9 @@ def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: to
 
 def _merged_group(entry: _Entry, tensors: dict[str, torch.Tensor], into: str,
                   compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    group = entry.group
-    try:
-        fused = group.fuse(tensors)
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"{entry.file}: the tensors of {group.param} ({group.keys[0]}, ...) do not fuse into it "
-                        f"({err}): the checkpoint and config.json disagree") from None
+    fused = fuse_or_error(entry.group, tensors, entry.file)
     del tensors
-    return merged_expert_tensors(group, fused, into=into, compute_dtype=compute_dtype, delta=entry.expert_delta)
+    return merged_expert_tensors(entry.group, fused, into=into, compute_dtype=compute_dtype, delta=entry.expert_delta)
 
 
 def _check_finite(entry: _Entry, tensor: torch.Tensor) -> None:

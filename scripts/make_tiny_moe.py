@@ -2,10 +2,10 @@
 published, with a byte-level BPE tokenizer like scripts/make_tiny_model.py's.
 
     python scripts/make_tiny_moe.py runs/tiny-moe                       # every architecture, every layout
-    python scripts/make_tiny_moe.py runs/tiny-moe --arch mixtral --layout per_expert
+    python scripts/make_tiny_moe.py runs/tiny-moe --arch mixtral --layout per_expert   # one of them
 
-writes OUT/ARCH-LAYOUT/ (OUT/gemma2/ for the dense Gemma 2: config.json, model-0000N-of-0000M.safetensors + index, tokenizer files). The two expert
-layouts:
+writes OUT/ARCH-LAYOUT/ (OUT/gemma2/ for the dense Gemma 2): config.json, model-0000N-of-0000M.safetensors + index,
+tokenizer files. The two expert layouts:
 
 - per_expert: one 2-D tensor per expert and projection (Mixtral `block_sparse_moe.experts.N.w1.weight`, Qwen
   `mlp.experts.N.gate_proj.weight`): how Mixtral and Qwen-MoE are published, and what transformers 5's

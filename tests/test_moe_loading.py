@@ -23,21 +23,12 @@ from qlora_trainer.model_summary import model_summary
 from tests.helpers import REPO, load_ours, logits_of, random_ids
 
 sys.path.insert(0, str(REPO / "scripts"))
-from make_tiny_moe import LAYOUTS, make_tiny_moe, tokenizer  # noqa: E402
+from make_tiny_moe import LAYOUTS  # noqa: E402
 
 CHECKPOINTS = [(arch, layout) for arch, layouts in LAYOUTS.items() if arch != "gemma2" for layout in layouts]
 IDS = [f"{arch}-{layout}" for arch, layout in CHECKPOINTS]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def tiny_moe(tmp_path_factory):
-    """{(arch, layout): folder} for every MoE architecture and layout of scripts/make_tiny_moe.py (bf16, sharded at
-    200KB, so experts of one layer span shards): a few seconds for all of them."""
-    root, tok = tmp_path_factory.mktemp("tiny-moe"), tokenizer()
-    return {(arch, layout): make_tiny_moe(root / f"{arch}-{layout}", arch, layout, tok=tok)
-            for arch, layout in CHECKPOINTS}
 
 
 def transformers_fp32(folder):

@@ -5,7 +5,6 @@ loads the merged folder with our logits (an adapter on attention; LoRA on the ex
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -17,22 +16,16 @@ from qlora_trainer.expert_layout import looks_per_expert
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.merge import merge
 from qlora_trainer.verify import verify
-from tests.helpers import REPO, logits_of, random_ids, write_peft_adapter
-
-sys.path.insert(0, str(REPO / "scripts"))
-from make_tiny_moe import make_tiny_moe, tokenizer  # noqa: E402
+from tests.helpers import logits_of, random_ids, write_peft_adapter
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root, tok = tmp_path_factory.mktemp("moe-bases"), tokenizer()
-    return {name: make_tiny_moe(root / f"{arch}-{layout}", arch, layout, tok=tok)
-            for name, (arch, layout) in {"mixtral": ("mixtral", "per_expert"), "qwen2": ("qwen2_moe", "per_expert"),
-                                         "gpt_oss": ("gpt_oss", "fused"),
-                                         "qwen3_fused": ("qwen3_moe", "fused")}.items()}
+def bases(tiny_moe):
+    return {"mixtral": tiny_moe["mixtral", "per_expert"], "qwen2": tiny_moe["qwen2_moe", "per_expert"],
+            "gpt_oss": tiny_moe["gpt_oss", "fused"], "qwen3_fused": tiny_moe["qwen3_moe", "fused"]}
 
 
 @pytest.fixture(scope="module")
