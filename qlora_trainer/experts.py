@@ -14,7 +14,8 @@ weight, equal to `param[e]` up to NF4 rounding.
 
 transformers may run experts through batched or grouped matmuls over the whole 3-D tensor (`@use_experts_implementation`
 dispatches on `config._experts_implementation`, "grouped_mm" by default where torch has it): build_empty_model passes
-experts_implementation="eager" for every model we load, which keeps the per-expert path.
+experts_implementation="eager" for every model we load, which keeps the per-expert path. The backward does not keep
+the dequantized experts either: it dequantizes them again (see "backward without copies" below).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class NF4ExpertWeights(nn.Module):
         if not -self.num_experts <= e < self.num_experts:
             raise IndexError(f"expert {e} of {self.num_experts}")
         weight = self._dequantize(e)
-        _HANDED_OUT[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), self, e)
+        address = weight.untyped_storage().data_ptr()
+        _HANDED_OUT[address] = (weakref.ref(weight, lambda ref: _forget(address, ref)), self, e)
         return weight
 
     def _dequantize(self, e: int) -> torch.Tensor:
@@ -105,6 +107,12 @@ class NF4ExpertWeights(nn.Module):
 # the same in both passes.
 
 _HANDED_OUT: dict[int, tuple] = {}  # storage address of a weight __getitem__ returned -> (weakref, storage, e)
+
+
+def _forget(address: int, ref: weakref.ref) -> None:
+    """A handed-out weight died: drop its entry (unless a newer weight took its address already)."""
+    if _HANDED_OUT.get(address, (None,))[0] is ref:
+        del _HANDED_OUT[address]
 
 
 def _pack(tensor: torch.Tensor):
