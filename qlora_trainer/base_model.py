@@ -52,14 +52,10 @@ def resolve_base(path: str | os.PathLike | BaseModel, *, trust_remote_code: bool
     return BaseModel(model_dir, config, raw, str(path), trust_remote_code)
 
 
-def refuse_prequantized(base: BaseModel) -> None:
-    """A checkpoint stored quantized (gpt-oss's MXFP4 experts, GPTQ, AWQ, FP8): we quantize from full precision."""
-    qc = base.raw_config.get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise UserError(f"{base.path / MODEL_CONFIG_FILE}: this checkpoint is stored quantized (quantization_config "
-                        f"quant_method={method!r}; its weights, e.g. MXFP4 experts as *_blocks/*_scales, are not "
-                        "full precision): use the model's bf16/fp16/fp32 release, which we quantize to NF4 ourselves")
+def prequantized_error(base: BaseModel, why: str) -> UserError:
+    """The error for a checkpoint stored quantized in a format we cannot read back to full precision (`why`)."""
+    return UserError(f"{base.path / MODEL_CONFIG_FILE}: this checkpoint is stored quantized (quantization_config "
+                     f"{why}): use the model's bf16/fp16/fp32 release, which we quantize to NF4 ourselves")
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:

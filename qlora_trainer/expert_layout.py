@@ -9,6 +9,10 @@ mlp, and WeightConverters such as MergeModulelist + Concatenate). We use that sa
 classes, so a new MoE architecture that transformers maps is covered without a table of ours:
 
 - `CheckpointLayout.param_of(key)`: the model parameter a checkpoint tensor fills (renamings applied);
+- a checkpoint stored quantized in a format whose transformers quantizer can dequantize it (gpt-oss's MXFP4 experts
+  as published: `gate_up_proj_blocks` + `gate_up_proj_scales`) gets that quantizer's own dequantizing converters
+  (`update_weight_conversions` with `dequantize=True`, what `from_pretrained` runs on a machine without MXFP4
+  kernels), so it streams in as full precision and is quantized to NF4 like any other;
 - `CheckpointLayout.group_of(key)`: the `ExpertGroup` (one fused parameter and the checkpoint tensors that make it)
   the tensor belongs to; `ExpertGroup.fuse` builds the parameter from its tensors once all of them have arrived
   (the streaming loader buffers one group at a time, so peak host memory is about one layer's experts), and
@@ -75,13 +79,16 @@ class CheckpointLayout:
     """How the tensors of one checkpoint fill one model's parameters (see the module docstring)."""
 
     def __init__(self, model: nn.Module, checkpoint_keys: Iterable[str], expected: dict[str, torch.Size],
-                 expert_params: Iterable[str] = ()):
+                 expert_params: Iterable[str] = (), quantization_config: dict | None = None):
         """expected: every parameter's checkpoint shape; expert_params: the fused expert parameters (a checkpoint
-        tensor that lands on one of them whole makes a one-tensor group)."""
+        tensor that lands on one of them whole makes a one-tensor group); quantization_config: config.json's, for a
+        checkpoint stored quantized (ValueError when transformers cannot dequantize it)."""
         self.model = model
         self.expected = expected
         self.prefix = getattr(model, "base_model_prefix", "model")
         transforms = get_model_conversion_mapping(model, add_legacy=False)
+        if quantization_config:
+            transforms = dequantizing_conversions(model, quantization_config, transforms)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self._by_pattern = {p: c for c in self.converters for p in c.source_patterns}
@@ -102,7 +109,8 @@ class CheckpointLayout:
             self._group_of[key] = group
         for group in self.groups.values():
             if group.converter is not None and None in group.patterns:
-                raise ValueError(f"{group.param} is stored both fused and per expert in this checkpoint")
+                raise ValueError(f"{group.param} is stored both fused and per expert ({group.keys[0]}, ...): the "
+                                 "checkpoint's index names tensors of two layouts; re-save the model")
 
     def _rename(self, key: str) -> tuple[str | None, str | None]:
         """(model parameter or None, the converter source pattern that matched or None), as transformers renames a
@@ -135,6 +143,28 @@ class CheckpointLayout:
     def per_expert_keys(self) -> bool:
         """Whether any expert parameter is stored per expert (the layout merge writes back)."""
         return any(not g.fused_in_checkpoint for g in self.groups.values())
+
+
+class NotDequantizable(ValueError):
+    """A checkpoint stored quantized in a format transformers cannot turn back into full precision while it loads."""
+
+
+def dequantizing_conversions(model: nn.Module, quantization_config: dict, transforms: list) -> list:
+    """The model's conversions plus those of the checkpoint's transformers quantizer in its dequantizing mode, which
+    turn serialized quantized tensors back into full-precision parameters. ValueError naming the method when its
+    quantizer has no dequantizing load (bitsandbytes, GPTQ, AWQ, ...)."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    method = quantization_config.get("quant_method", "?") if isinstance(quantization_config, dict) else "?"
+    try:
+        quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
+    except Exception as err:  # an unknown method, or its package missing: either way nothing to dequantize with
+        raise NotDequantizable(f"quant_method={method!r}: {type(err).__name__}: {err}") from None
+    if not hasattr(quantizer.quantization_config, "dequantize") or not quantizer.serialized_names \
+            or "dequantize" not in quantizer.get_load_operations():
+        raise NotDequantizable(f"quant_method={method!r}, which transformers cannot dequantize while it loads")
+    quantizer.quantization_config.dequantize = True
+    return quantizer.update_weight_conversions(transforms, model)
 
 
 def fuse_or_error(group: ExpertGroup, tensors: dict[str, torch.Tensor], file: Path) -> torch.Tensor:

@@ -31,9 +31,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import libc, quant
-from qlora_trainer.base_model import BaseModel, checkpoint_files, refuse_prequantized, resolve_base, stream_tensors
+from qlora_trainer.base_model import BaseModel, checkpoint_files, prequantized_error, resolve_base, stream_tensors
 from qlora_trainer.errors import UserError
-from qlora_trainer.expert_layout import CheckpointLayout, fuse_or_error, unexpected_tensor_message
+from qlora_trainer.expert_layout import CheckpointLayout, NotDequantizable, fuse_or_error, unexpected_tensor_message
 from qlora_trainer.experts import is_nf4_experts, swap_in_nf4_experts
 from qlora_trainer.lora import linear_shape
 from qlora_trainer.names import (ATTN_IMPLEMENTATIONS, AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES,
@@ -250,10 +250,19 @@ def is_other_task_head(model: nn.Module, key: str) -> bool:
     return is_classifier(model) and key.split(".", 1)[0] in CAUSAL_HEADS
 
 
-def checkpoint_layout(model: nn.Module, info: LoadInfo, files: dict[str, Path]) -> CheckpointLayout:
+def checkpoint_layout(model: nn.Module, info: LoadInfo, files: dict[str, Path],
+                      base: BaseModel | None = None) -> CheckpointLayout:
     """Which parameter each checkpoint tensor fills, per-expert tensors grouped into their fused expert parameter by
-    transformers' conversion mapping for the architecture (expert_layout.py)."""
-    return CheckpointLayout(model, files, expected_shapes(model, info.swapped, info.experts), info.experts)
+    transformers' conversion mapping for the architecture (expert_layout.py); a checkpoint stored quantized (MXFP4)
+    is dequantized by its transformers quantizer's converters, or is a UserError."""
+    quantization_config = base.raw_config.get("quantization_config") if base is not None else None
+    try:
+        return CheckpointLayout(model, files, expected_shapes(model, info.swapped, info.experts), info.experts,
+                                quantization_config)
+    except NotDequantizable as err:
+        raise prequantized_error(base, str(err)) from None
+    except ValueError as err:
+        raise UserError(f"{info.source}: {err}") from None
 
 
 def fill_from_checkpoint(model: nn.Module, info: LoadInfo, device: torch.device, compute_dtype: torch.dtype,
@@ -335,7 +344,6 @@ def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | 
                         f"{device.type}: use model.attn_implementation=auto (sdpa, or eager where the architecture "
                         "has no sdpa)")
     base = resolve_base(path, trust_remote_code=trust_remote_code)
-    refuse_prequantized(base)
     model = build_empty_model(base.fresh_config(), task=task, num_labels=num_labels, compute_dtype=dtype,
                               trust_remote_code=base.trust_remote_code, attn_implementation=attn_implementation)
     info = LoadInfo(swap_in_nf4_linears(model, dtype), base.path, attn_implementation=chosen_attn_implementation(model))
@@ -343,7 +351,7 @@ def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | 
     if attn_implementation == AUTO and info.attn_implementation != "sdpa":
         (log or logger.info)(f"attention: {info.attn_implementation} (model.attn_implementation=auto: transformers has "
                              f"no sdpa attention for {type(model).__name__})")
-    layout = checkpoint_layout(model, info, checkpoint_files(base.path))
+    layout = checkpoint_layout(model, info, checkpoint_files(base.path), base)
     if task == CLASSIFICATION:
         info.new_params = _init_new_head(model, info, layout, dtype, device)
     fill_from_checkpoint(model, info, device, dtype, progress=progress, layout=layout)

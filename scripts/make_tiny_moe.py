@@ -11,8 +11,11 @@ tokenizer files. The two expert layouts:
   `mlp.experts.N.gate_proj.weight`): how Mixtral and Qwen-MoE are published, and what transformers 5's
   `save_pretrained` writes for them (it reverts its weight conversion on save).
 - fused: transformers 5's 3-D parameters (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), written here with
-  safetensors from the model's own state_dict. gpt-oss has only this layout (transformers has no per-expert form
-  for it; `save_pretrained` writes it fused).
+  safetensors from the model's own state_dict. transformers has no per-expert form for gpt-oss (`save_pretrained`
+  writes it fused, as its bf16 release is).
+- mxfp4 (gpt-oss only): the experts as OpenAI publishes gpt-oss, MXFP4 codes and scales (`gate_up_proj_blocks`
+  uint8 [E, out, in/32, 16], `gate_up_proj_scales` uint8 [E, out, in/32]) with a `quantization_config`; random
+  codes, not a quantization of the other layout's weights.
 
 Every width is a multiple of 64 (NF4's blocksize). Importing this module does no work.
 """
@@ -30,9 +33,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_model import build_tokenizer, synthetic_corpus  # noqa: E402
 
-PER_EXPERT, FUSED = "per_expert", "fused"
+PER_EXPERT, FUSED, MXFP4 = "per_expert", "fused", "mxfp4"
 LAYOUTS = {"mixtral": (PER_EXPERT, FUSED), "qwen3_moe": (PER_EXPERT, FUSED), "qwen2_moe": (PER_EXPERT, FUSED),
-           "gpt_oss": (FUSED,), "gemma2": (FUSED,)}  # gemma2 is dense: "fused" only names its one layout
+           "gpt_oss": (FUSED, MXFP4), "gemma2": (FUSED,)}  # gemma2 is dense: "fused" only names its one layout
 SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
 MOE = dict(num_experts_per_tok=2)
@@ -81,13 +84,39 @@ def make_tiny_moe(out_dir: str | Path, arch: str, layout: str = PER_EXPERT, *, s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=max_shard_size)
-    if layout == FUSED and arch != "gemma2":
+    if layout in (FUSED, MXFP4) and arch != "gemma2":
         # save_pretrained reverted the experts to the per-expert layout where transformers has a mapping for the
         # architecture: write the model's own (fused) tensors instead.
         for old in out.glob("model*.safetensors*"):
             old.unlink()
-        write_sharded(model.state_dict(), out, max_shard_size)
+        state = model.state_dict()
+        if layout == MXFP4:
+            state = _as_mxfp4(state, seed)
+            config_file = out / "config.json"
+            config = json.loads(config_file.read_text())
+            config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+            config_file.write_text(json.dumps(config, indent=2) + "\n")
+        write_sharded(state, out, max_shard_size)
     tok.save_pretrained(out)
+    return out
+
+
+def _as_mxfp4(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Each 3-D expert weight [E, in, out] (gpt-oss multiplies x @ W) -> random MXFP4 `_blocks` (two 4-bit codes per
+    byte, 32 values per block) and `_scales` (a power-of-two exponent per block, biased by 127; 2**-8..2**-5 keeps
+    the values near the model's initialization)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in state.items():
+        if not (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")):
+            out[name] = tensor
+            continue
+        experts, rows_in, rows_out = tensor.shape
+        out[name + "_blocks"] = torch.randint(0, 256, (experts, rows_out, rows_in // 32, 16), generator=gen,
+                                              dtype=torch.uint8)
+        out[name + "_scales"] = torch.randint(119, 123, (experts, rows_out, rows_in // 32), generator=gen,
+                                              dtype=torch.uint8)
     return out
 
 
@@ -126,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write ARCH-LAYOUT/ checkpoints into")
     parser.add_argument("--arch", choices=list(LAYOUTS), action="append", help="default: every architecture")
-    parser.add_argument("--layout", choices=[PER_EXPERT, FUSED], action="append", help="default: every layout")
+    parser.add_argument("--layout", choices=[PER_EXPERT, FUSED, MXFP4], action="append", help="default: every layout")
     args = parser.parse_args()
     tok = tokenizer()
     for arch in args.arch or list(LAYOUTS):

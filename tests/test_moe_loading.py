@@ -75,7 +75,7 @@ def test_logits_equal_transformers_with_our_nf4_weights(tiny_moe, arch, layout):
     torch.testing.assert_close(mine, logits_of(reference, ids), rtol=0, atol=1e-5)
     # against the unquantized weights: NF4's rounding (and the routing it flips), far from unrelated logits
     cosine = torch.nn.functional.cosine_similarity(mine.flatten(), plain.flatten(), dim=0)
-    assert cosine > 0.93  # 0.965-0.986 here
+    assert cosine > (0.85 if layout == "mxfp4" else 0.93)  # 0.965-0.986 here; 0.90 for random MXFP4 codes
 
 
 @pytest.mark.parametrize("arch,layout", [("mixtral", "per_expert"), ("gpt_oss", "fused")])
@@ -151,14 +151,18 @@ def test_summary_counts_the_experts_as_4_bit(tiny_moe):
     assert any(n.endswith("shared_expert.down_proj") for n in load_info(model).swapped)
 
 
-def test_a_quantized_checkpoint_is_one_clear_error(tiny_moe, tmp_path):
-    """gpt-oss as OpenAI publishes it: MXFP4 experts (quantization_config, *_blocks/*_scales tensors)."""
-    folder = tmp_path / "mxfp4"
+@pytest.mark.parametrize("method", ["bitsandbytes", "no-such-method"])
+def test_a_checkpoint_stored_in_a_quantization_transformers_cannot_undo_is_one_clear_error(tiny_moe, tmp_path,
+                                                                                            method):
+    """gpt-oss's MXFP4 loads (transformers' quantizer dequantizes it, the tests above); a checkpoint saved already
+    in 4-bit bitsandbytes, or in a method transformers does not know, cannot be read back to full precision."""
+    folder = tmp_path / "prequantized"
     shutil.copytree(tiny_moe["gpt_oss", "fused"], folder)
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    config["quantization_config"] = {"quant_method": method, "load_in_4bit": True}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match=r"stored quantized \(quantization_config quant_method='mxfp4'.*bf16"):
+    with pytest.raises(UserError, match=rf"config.json: this checkpoint is stored quantized \(quantization_config "
+                                        rf"quant_method='{method}'.*use the model's bf16/fp16/fp32 release"):
         load_ours(folder)
 
 
