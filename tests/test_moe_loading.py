@@ -275,3 +275,20 @@ def test_the_backward_keeps_no_dequantized_expert_alive_and_gets_the_same_gradie
     assert grads.keys() == reference.keys()
     for name in grads:
         assert torch.equal(grads[name], reference[name]), name
+
+
+def test_random_quantized_fills_the_experts_like_transformers_initializes_them():
+    """random_quantized (benchmarks of shapes no checkpoint has) builds MoE models with NF4 experts too: every expert
+    is filled (normal, std = initializer_range, up to NF4 rounding) and the model computes finite logits."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, num_local_experts=4)
+    model = loading.random_quantized(config, compute_dtype="fp32", device="cpu", progress=False)
+    storages = [m for m in model.modules() if is_nf4_experts(m)]
+    assert len(storages) == 2 * 2 and set(load_info(model).experts) == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    for storage in storages:
+        stds = torch.stack([storage[e].std() for e in range(storage.num_experts)])
+        assert torch.allclose(stds, torch.full_like(stds, config.initializer_range), rtol=0.1)
+    assert torch.isfinite(logits_of(model, random_ids(256))).all()
