@@ -220,17 +220,6 @@ def expected_shapes(model: nn.Module, swapped: dict[str, str],
     return shapes
 
 
-def checkpoint_key_to_param(key: str, expected: dict[str, torch.Size], prefix: str) -> str | None:
-    """Checkpoint names usually equal ours; some are saved from the bare base model (no prefix) or with it."""
-    if key in expected:
-        return key
-    if f"{prefix}.{key}" in expected:
-        return f"{prefix}.{key}"
-    if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-        return key[len(prefix) + 1:]
-    return None
-
-
 def _ignorable(model: nn.Module, key: str) -> bool:
     patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
     patterns.append(r"rotary_emb\.inv_freq")  # older LLaMA checkpoints saved this computed buffer
