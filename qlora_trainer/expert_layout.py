@@ -45,10 +45,17 @@ class ExpertGroup:
     patterns: list[str] = field(default_factory=list)  # the converter's source pattern each key matched
     converter: WeightConverter | None = None  # None: stored fused under the parameter's own name
     model: nn.Module | None = field(default=None, repr=False)
+    dequantizes: bool = False  # the converter is a quantizer's (MXFP4 blocks + scales -> the full-precision param)
 
     @property
     def fused_in_checkpoint(self) -> bool:
         return self.converter is None
+
+    @property
+    def output_keys(self) -> list[str]:
+        """The names `split` writes: the checkpoint's own, or for a checkpoint stored quantized the full-precision
+        parameter's (its quantized form cannot be written back)."""
+        return [self.param] if self.dequantizes else self.keys
 
     def fuse(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The fused parameter from {checkpoint key: tensor} (all of `keys`), by the converter's operations."""
@@ -63,8 +70,8 @@ class ExpertGroup:
     def split(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
         """The inverse of fuse: the checkpoint's tensors of this group, by name, in the checkpoint's layout (merge
         writes them back so). transformers' own save path (revert_weight_conversion) does the splitting."""
-        if self.converter is None:
-            return {self.keys[0]: fused}
+        if self.converter is None or self.dequantizes:
+            return {self.output_keys[0]: fused}
         tensors = revert_weight_conversion(self.model, {self.param: fused})
         if set(tensors) != set(self.keys):  # e.g. a checkpoint saved without the base model's prefix
             by_order = sorted(tensors, key=dot_natural_key)
@@ -87,6 +94,7 @@ class CheckpointLayout:
         self.expected = expected
         self.prefix = getattr(model, "base_model_prefix", "model")
         transforms = get_model_conversion_mapping(model, add_legacy=False)
+        own = {id(t) for t in transforms}
         if quantization_config:
             transforms = dequantizing_conversions(model, quantization_config, transforms)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -104,6 +112,7 @@ class CheckpointLayout:
             group = self.groups.setdefault(param, ExpertGroup(param, model=model))
             if pattern is not None:
                 group.converter = self._by_pattern[pattern]
+                group.dequantizes = id(group.converter) not in own
             group.keys.append(key)
             group.patterns.append(pattern)
             self._group_of[key] = group

@@ -17,8 +17,10 @@ from collections.abc import Callable
 
 import torch
 
+from pathlib import Path
+
 from qlora_trainer import quant
-from qlora_trainer.expert_layout import ExpertGroup
+from qlora_trainer.expert_layout import ExpertGroup, fuse_or_error
 from qlora_trainer.names import MERGE_INTO
 
 ExpertDelta = Callable[[int], torch.Tensor]  # expert index -> its LoRA update, shaped like param[e], fp32
@@ -36,6 +38,30 @@ def expert_base_weight(fused: torch.Tensor, *, into: str, compute_dtype: torch.d
     for e in range(fused.shape[0]):
         out[e] = quant.quantize_dequantize(fused[e].to(compute_dtype).contiguous()).float()
     return out
+
+
+def output_order(entries: list) -> list:
+    """merge's entries (each with `.group`: an ExpertGroup or None) in checkpoint order, except that the tensors of
+    a fused expert parameter come together where its last tensor is read: merge fuses them, merges and splits them
+    back as one."""
+    out, waiting = [], {}
+    for entry in entries:
+        if entry.group is None:
+            out.append(entry)
+            continue
+        group = waiting.setdefault(entry.group.param, [])
+        group.append(entry)
+        if len(group) == len(entry.group.output_keys):
+            out.extend(waiting.pop(entry.group.param))
+    return out
+
+
+def merged_group(group: ExpertGroup, tensors: dict[str, torch.Tensor], file: Path, *, into: str,
+                 compute_dtype: torch.dtype, delta: ExpertDelta | None = None) -> dict[str, torch.Tensor]:
+    """{output key: fp32 tensor} of one expert group after the merge, from its checkpoint tensors."""
+    fused = fuse_or_error(group, tensors, file)
+    del tensors
+    return merged_expert_tensors(group, fused, into=into, compute_dtype=compute_dtype, delta=delta)
 
 
 def merged_expert_tensors(group: ExpertGroup, fused: torch.Tensor, *, into: str, compute_dtype: torch.dtype,

@@ -104,3 +104,20 @@ def test_verify_passes_on_a_moe_merge(bases, adapters, tmp_path):
                 progress=False)
     report = verify(bases["qwen2"], adapters["qwen2"], out, device="cpu")
     assert report["top1_agreement"] == 1.0 and report["max_abs_diff"] < 1e-3
+
+
+def test_a_base_stored_in_mxfp4_merges_into_full_precision_experts(tiny_moe, adapters, tmp_path):
+    """gpt-oss as published (MXFP4 experts): the merged folder holds the experts as transformers' dequantized load
+    does (the fused bf16 parameters, no quantization_config), and plain transformers gives our logits."""
+    base = tiny_moe["gpt_oss", "mxfp4"]
+    adapter = adapters["gpt_oss"]  # attention LoRA of the same architecture
+    out = merge(base, adapter, tmp_path / "merged", dtype="fp32", compute_dtype="fp32", progress=False)
+    merged = _tensors(out)
+    assert not any(k.endswith("_blocks") or k.endswith("_scales") for k in merged)
+    assert merged["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 128, 256)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ours = load_quantized(base, compute_dtype="fp32", device="cpu", progress=False)
+    load_adapter_into(ours, adapter)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = random_ids(ours.config.vocab_size, length=16)
+    torch.testing.assert_close(logits_of(plain, ids), logits_of(ours, ids), atol=1e-4, rtol=1e-4)
