@@ -52,6 +52,12 @@ def resolve_base(path: str | os.PathLike | BaseModel, *, trust_remote_code: bool
     return BaseModel(model_dir, config, raw, str(path), trust_remote_code)
 
 
+def prequantized_error(base: BaseModel, why: str) -> UserError:
+    """The error for a checkpoint stored quantized in a format we cannot read back to full precision (`why`)."""
+    return UserError(f"{base.path / MODEL_CONFIG_FILE}: this checkpoint is stored quantized (quantization_config "
+                     f"{why}): use the model's bf16/fp16/fp32 release, which we quantize to NF4 ourselves")
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A local model folder, or a hub id that is already in the local cache (we never download)."""
     local = Path(path)

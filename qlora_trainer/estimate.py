@@ -27,22 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qlora_trainer.errors import ArgumentError, UserError
-from qlora_trainer.names import ALL_LINEAR, AUTO, DTYPE_BYTES, MODEL_CONFIG_FILE, NF4_BLOCKSIZE, OPTIMIZERS
+from qlora_trainer.errors import ArgumentError
+from qlora_trainer.model_shape import ModelShape, nf4_bytes, shape_from_config
+from qlora_trainer.names import ALL_LINEAR, AUTO, DTYPE_BYTES, MODEL_CONFIG_FILE, OPTIMIZERS
 from qlora_trainer.paths import looks_like_hub_id
 
 GIB = 1024**3
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
-
-# bitsandbytes NF4 with double quantization (quantize_4bit(blocksize=64, compress_statistics=True)):
-# NF4_BLOCKSIZE (names.py): one uint8 quantized absmax per 64 weights
-NF4_NESTED_BLOCKSIZE = 256  # one fp32 absmax per 256 first-level absmax values
-# Per quantized tensor: the NF4 code (16 fp32) + the nested dynamic code (256 fp32) + the fp32 offset.
-NF4_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
 
 # bitsandbytes 8-bit optimizers keep tensors under min_8bit_size in fp32; others as uint8 + fp32 absmax
 # per 256 values, for each of Adam's two moments.
@@ -60,39 +54,6 @@ def _loss_bytes_per_logit(act: int) -> int:
     """One loss chunk, per logit: the logits from lm_head in the compute dtype, their fp32 copy, the fp32
     softmax/grad, and the grad cast back for lm_head's backward (12 bytes for bf16)."""
     return act + 4 + 4 + act
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a config.json that memory depends on."""
-
-    model_type: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied_embeddings: bool
-    max_positions: int | None = None
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out, in) of each nn.Linear in one decoder layer."""
-        h, i = self.hidden, self.intermediate
-        return {
-            "q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
-            "o_proj": (h, self.q_dim),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-        }
 
 
 @dataclass(frozen=True)
@@ -219,35 +180,6 @@ def _config_from_hub_cache(model: str) -> Path:
                                  "the local cache; pass a model folder or its config.json")
 
 
-def shape_from_config(config: Mapping[str, Any], source: str = "config.json") -> ModelShape:
-    """The ModelShape of a LLaMA-family config.json dict; `source` names the file in errors."""
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"{source}: model_type {model_type!r} is not supported by estimate; "
-                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-    def positive_int(key: str, default: int | None = None) -> int:
-        value = config.get(key)
-        value = default if value is None else value
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UserError(f"{source}: {key} must be a positive integer, got {config.get(key)!r}")
-        return value
-
-    hidden, heads = positive_int("hidden_size"), positive_int("num_attention_heads")
-    return ModelShape(
-        model_type=model_type,
-        hidden=hidden,
-        intermediate=positive_int("intermediate_size"),
-        layers=positive_int("num_hidden_layers"),
-        heads=heads,
-        kv_heads=positive_int("num_key_value_heads", heads),  # absent: plain multi-head attention
-        head_dim=positive_int("head_dim", hidden // heads),
-        vocab=positive_int("vocab_size"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_positions=config.get("max_position_embeddings"),
-    )
-
-
 def _as_shape(model: ModelShape | Mapping[str, Any]) -> ModelShape:
     return model if isinstance(model, ModelShape) else shape_from_config(model)
 
@@ -255,17 +187,10 @@ def _as_shape(model: ModelShape | Mapping[str, Any]) -> ModelShape:
 # ------------------------------------------------------------------------------------------- the terms
 
 
-def nf4_bytes(numel: int) -> int:
-    """Bytes of one weight after bnb quantize_4bit(nf4, blocksize 64, compress_statistics=True):
-    packed 4-bit weights + uint8 absmax per 64 + fp32 absmax per 256 absmax + code tables and offset."""
-    blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    return (numel + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCKSIZE) + NF4_TABLE_BYTES
-
-
 def lora_tensor_sizes(shape: ModelShape, run: RunSettings) -> list[int]:
     """numel of every LoRA tensor: A (r, in) and B (out, r) per targeted linear per layer."""
     linears = shape.linear_shapes()
-    per_layer = [n for t in run.targets for n in (run.rank * linears[t][1], linears[t][0] * run.rank)]
+    per_layer = [n for t in run.targets if t in linears for n in (run.rank * linears[t][1], linears[t][0] * run.rank)]
     return per_layer * shape.layers
 
 
@@ -287,7 +212,7 @@ def layer_saved_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
     4-bit base frozen (bnb's MatMul4Bit keeps only the packed weight), frozen norm weights, SDPA on the flash
     kernel with no attention mask (GQA inside the kernel), and our LoRALinear on `run.targets`. Measured
     tensor by tensor on CPU in tests/test_estimate.py. A tensor is counted once however many ops save it."""
-    h, i, q, kv, a = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, DTYPE_BYTES[run.compute_dtype]
+    h, i, q, kv, a = shape.hidden, shape.mlp_width, shape.q_dim, shape.kv_dim, DTYPE_BYTES[run.compute_dtype]
     targets, dropout = set(run.targets), run.lora_dropout > 0
 
     def saved_by_lora(*names: str) -> bool:  # a LoRALinear without dropout saves its input for x @ A.T's grad
@@ -311,11 +236,11 @@ def layer_saved_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
         + (a * i if saved_by_lora("down_proj") else 0)  # silu(gate) * up, down_proj's input
     )
     linears = shape.linear_shapes()
-    lora_inputs = sum(linears[t][1] for t in run.targets)
+    lora_inputs = sum(linears[t][1] for t in run.targets if t in linears)
     # each LoRALinear applies its own dropout: the dropped copy of its input + a bool mask (CUDA's fused
     # dropout; CPU's unfused one keeps the mask in the compute dtype)
     lora = (a + 1) * lora_inputs if dropout else 0
-    lora += a * run.rank * len(run.targets)  # x @ A.T, saved for B's grad
+    lora += a * run.rank * len(set(run.targets) & set(linears))  # x @ A.T, saved for B's grad
     return attention + mlp + lora
 
 
@@ -323,12 +248,14 @@ def layer_backward_bytes_per_token(shape: ModelShape, run: RunSettings) -> int:
     """Gradients alive at once inside a layer's backward: the incoming and outgoing (B, T, hidden) grads,
     and three (B, T, intermediate) grads in the MLP (of silu(gate) * up, of silu(gate) and of up)."""
     a = DTYPE_BYTES[run.compute_dtype]
-    return 2 * a * shape.hidden + 3 * a * shape.intermediate
+    return 2 * a * shape.hidden + 3 * a * shape.mlp_width
 
 
 def dequantized_weight_bytes(shape: ModelShape, run: RunSettings) -> int:
-    """bnb dequantizes a 4-bit weight to the compute dtype for each matmul; the largest one, transiently."""
-    return DTYPE_BYTES[run.compute_dtype] * max(o * i for o, i in shape.linear_shapes().values())
+    """bnb dequantizes a 4-bit weight to the compute dtype for each matmul; the largest one, transiently. NF4
+    experts likewise, one expert's weight at a time (experts.py: the backward dequantizes them again)."""
+    a = DTYPE_BYTES[run.compute_dtype]
+    return a * max([o * i for o, i in shape.linear_shapes().values()] + [2 * shape.expert_intermediate * shape.hidden])
 
 
 def loss_bytes(shape: ModelShape, run: RunSettings) -> int:
@@ -348,9 +275,12 @@ def estimate_memory(model: ModelShape | Mapping[str, Any], run: RunSettings | No
     shape, run = _as_shape(model), run or RunSettings()
     a, n = DTYPE_BYTES[run.compute_dtype], run.tokens
 
-    quantized = shape.layers * sum(nf4_bytes(o * i) for o, i in shape.linear_shapes().values())
+    quantized = shape.layers * (sum(nf4_bytes(o * i) for o, i in shape.linear_shapes().values())
+                                + shape.expert_weight_bytes()
+                                + (nf4_bytes(shape.hidden) if shape.shared_intermediate else 0))  # its sigmoid gate
     embeddings = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)  # embed_tokens (+ lm_head)
     norms = (2 * shape.layers + 1) * shape.hidden  # two RMSNorms per layer + the final one
+    norms += shape.layers * shape.router_params()  # and, full precision too, MoE routers and expert biases
     lora_sizes = lora_tensor_sizes(shape, run)
     lora_count = sum(lora_sizes)
 
@@ -406,8 +336,9 @@ def max_batch_that_fits(gpu_gib: float, model: ModelShape | Mapping[str, Any], r
 def format_table(b: MemoryBreakdown, shape: ModelShape, run: RunSettings) -> str:
     """The breakdown as aligned GiB rows."""
     rows = [
-        ("base linears, NF4 + double quant", b.quantized_weights),
-        (f"embeddings + lm_head + norms ({run.compute_dtype})", b.dense_weights),
+        ("base linears" + (" + experts" if shape.experts else "") + ", NF4 + double quant", b.quantized_weights),
+        (f"embeddings + lm_head + norms{' + routers' if shape.experts else ''} ({run.compute_dtype})",
+         b.dense_weights),
         (f"LoRA parameters (fp32, {b.lora_param_count / 1e6:.1f}M)", b.lora_params),
         ("LoRA gradients (fp32)", b.lora_grads),
         (f"optimizer state ({run.optimizer})", b.optimizer_state),
@@ -417,8 +348,9 @@ def format_table(b: MemoryBreakdown, shape: ModelShape, run: RunSettings) -> str
         ("CUDA context + allocator overhead", b.cuda_overhead),
     ]
     width = max(len(label) for label, _ in rows)
+    targeted = len(set(run.targets) & set(shape.linear_shapes()))  # a MoE layer has no dense MLP linears
     head = (f"{shape.model_type}: hidden {shape.hidden}, {shape.layers} layers, vocab {shape.vocab} | "
-            f"seq {run.seq_len} x batch {run.batch_size}, r {run.rank} on {len(run.targets)} linears/layer")
+            f"seq {run.seq_len} x batch {run.batch_size}, r {run.rank} on {targeted} linears/layer")
     lines = [head, f"{'':{width}}   GiB"]
     lines += [f"{label:<{width}} {value / GIB:6.2f}" for label, value in rows]
     lines.append(f"{'total (peak)':<{width}} {b.total / GIB:6.2f}")

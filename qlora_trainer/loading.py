@@ -31,8 +31,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import libc, quant
-from qlora_trainer.base_model import BaseModel, checkpoint_files, resolve_base, stream_tensors
+from qlora_trainer.base_model import BaseModel, checkpoint_files, prequantized_error, resolve_base, stream_tensors
 from qlora_trainer.errors import UserError
+from qlora_trainer.expert_layout import CheckpointLayout, NotDequantizable, fuse_or_error, unexpected_tensor_message
+from qlora_trainer.experts import is_nf4_experts, swap_in_nf4_experts
 from qlora_trainer.lora import linear_shape
 from qlora_trainer.names import (ATTN_IMPLEMENTATIONS, AUTO, CAUSAL_LM, CLASSIFICATION, COMPUTE_DTYPES, DTYPE_NAMES,
                                  torch_dtype)
@@ -50,6 +52,7 @@ class LoadInfo:
     source: Path | None  # the model folder (None: random weights)
     new_params: set[str] = field(default_factory=set)  # created fresh, not read from the checkpoint (a new head)
     attn_implementation: str = "sdpa"  # what transformers runs attention with (model.attn_implementation resolved)
+    experts: dict[str, torch.Size] = field(default_factory=dict)  # NF4 expert weights (experts.py) -> their shape
 
 
 def load_info(model: nn.Module) -> LoadInfo:
@@ -99,8 +102,10 @@ def build_empty_model(config: PretrainedConfig, *, task: str = CAUSAL_LM, num_la
     def build(cfg: PretrainedConfig, attn: str | None) -> nn.Module:
         # Buffers (rotary inv_freq) are computed in __init__ and are not in checkpoints: keep them real.
         with init_empty_weights(include_buffers=False):
+            # Experts eager: transformers' grouped_mm/batched_mm forwards read whole 3-D expert tensors, which
+            # NF4 experts never materialize (experts.py); eager reads `gate_up_proj[e]` one expert at a time.
             return auto_cls.from_config(cfg, dtype=compute_dtype, attn_implementation=attn,
-                                        trust_remote_code=trust_remote_code)
+                                        experts_implementation="eager", trust_remote_code=trust_remote_code)
 
     spare = copy.deepcopy(config) if requested is not None else None  # to tell an attention error from the rest
     try:
@@ -188,7 +193,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, swapped: dict[
                 device: torch.device, compute_dtype: torch.dtype) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if attr == "weight" and module_name in swapped:
+    if is_nf4_experts(getattr(module, attr, None)):
+        getattr(module, attr).quantize_from(value)  # one expert at a time, cast to the compute dtype first
+    elif attr == "weight" and module_name in swapped:
         if swapped[module_name] == "conv1d":
             value = value.T  # transformers' integration quantizes Conv1D weights as (out, in) too
         # Cast to the compute dtype first, as transformers does (chunk by chunk, inside quantize_nf4): the quant
@@ -200,26 +207,17 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, swapped: dict[
         module._buffers[attr] = value.to(device=device)
 
 
-def expected_shapes(model: nn.Module, swapped: dict[str, str]) -> dict[str, torch.Size]:
+def expected_shapes(model: nn.Module, swapped: dict[str, str],
+                    experts: dict[str, torch.Size] | None = None) -> dict[str, torch.Size]:
     """Checkpoint shape of every parameter (a 4-bit linear's meta weight is already packed: use the
-    original layer's shape instead)."""
+    original layer's shape instead; NF4 experts: the fused parameter's)."""
     shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    shapes.update(experts or {})
     for name, kind in swapped.items():
         module = model.get_submodule(name)
         out_f, in_f = module.out_features, module.in_features
         shapes[name + ".weight"] = torch.Size((in_f, out_f) if kind == "conv1d" else (out_f, in_f))
     return shapes
-
-
-def checkpoint_key_to_param(key: str, expected: dict[str, torch.Size], prefix: str) -> str | None:
-    """Checkpoint names usually equal ours; some are saved from the bare base model (no prefix) or with it."""
-    if key in expected:
-        return key
-    if f"{prefix}.{key}" in expected:
-        return f"{prefix}.{key}"
-    if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-        return key[len(prefix) + 1:]
-    return None
 
 
 def _ignorable(model: nn.Module, key: str) -> bool:
@@ -241,26 +239,53 @@ def is_other_task_head(model: nn.Module, key: str) -> bool:
     return is_classifier(model) and key.split(".", 1)[0] in CAUSAL_HEADS
 
 
+def checkpoint_layout(model: nn.Module, info: LoadInfo, files: dict[str, Path],
+                      base: BaseModel | None = None) -> CheckpointLayout:
+    """Which parameter each checkpoint tensor fills, per-expert tensors grouped into their fused expert parameter by
+    transformers' conversion mapping for the architecture (expert_layout.py); a checkpoint stored quantized (MXFP4)
+    is dequantized by its transformers quantizer's converters, or is a UserError."""
+    quantization_config = base.raw_config.get("quantization_config") if base is not None else None
+    try:
+        return CheckpointLayout(model, files, expected_shapes(model, info.swapped, info.experts), info.experts,
+                                quantization_config)
+    except NotDequantizable as err:
+        raise prequantized_error(base, str(err)) from None
+    except ValueError as err:
+        raise UserError(f"{info.source}: {err}") from None
+
+
 def fill_from_checkpoint(model: nn.Module, info: LoadInfo, device: torch.device, compute_dtype: torch.dtype,
-                         progress: bool = True) -> None:
-    swapped, model_dir = info.swapped, info.source
+                         progress: bool = True, layout: CheckpointLayout | None = None) -> None:
+    """Stream the checkpoint into the skeleton. Per-expert tensors wait in a buffer until every tensor of their fused
+    parameter has arrived (one MoE layer's experts at most, in a checkpoint stored layer by layer), are fused by
+    transformers' operations, quantized expert by expert, and freed."""
+    model_dir = info.source
     files = checkpoint_files(model_dir)
-    expected = expected_shapes(model, swapped)
-    prefix = getattr(model, "base_model_prefix", "model")
+    layout = layout or checkpoint_layout(model, info, files)
+    expected = layout.expected
     loaded: set[str] = set()
+    waiting: dict[str, dict[str, torch.Tensor]] = {}  # fused expert parameter -> its per-expert tensors so far
     bar = tqdm(total=len(files), desc="loading NF4", unit="tensor", disable=not progress, leave=False)
     for key, tensor, file in stream_tensors(files, device):
         bar.update(1)
-        name = checkpoint_key_to_param(key, expected, prefix)
+        name = layout.param_of(key)
         if name is None:
             if _ignorable(model, key):
                 continue
-            raise UserError(f"{file}: unexpected tensor {key!r}: this checkpoint does not match its config.json "
-                            f"({type(model).__name__})")
+            raise UserError(unexpected_tensor_message(model, key, file))
+        group = layout.group_of(key)
+        if group is not None and not group.fused_in_checkpoint:
+            waiting.setdefault(name, {})[key] = tensor
+            del tensor
+            if len(waiting[name]) < len(group.keys):
+                continue
+            tensor = fuse_or_error(group, waiting.pop(name), file)
         if tensor.shape != expected[name]:
-            raise UserError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but config.json implies "
+            shown = key if group is None or group.fused_in_checkpoint else f"{name} (fused from {len(group.keys)} " \
+                                                                            "per-expert tensors)"
+            raise UserError(f"{file}: tensor {shown!r} has shape {tuple(tensor.shape)}, but config.json implies "
                             f"{tuple(expected[name])}: the checkpoint and config.json disagree")
-        _set_tensor(model, name, tensor, swapped, device, compute_dtype)
+        _set_tensor(model, name, tensor, info.swapped, device, compute_dtype)
         loaded.add(name)
         del tensor
         libc.malloc_trim()
@@ -311,22 +336,25 @@ def load_quantized(path: str | os.PathLike | BaseModel, *, compute_dtype: str | 
     model = build_empty_model(base.fresh_config(), task=task, num_labels=num_labels, compute_dtype=dtype,
                               trust_remote_code=base.trust_remote_code, attn_implementation=attn_implementation)
     info = LoadInfo(swap_in_nf4_linears(model, dtype), base.path, attn_implementation=chosen_attn_implementation(model))
+    info.experts = swap_in_nf4_experts(model, dtype, device)
     if attn_implementation == AUTO and info.attn_implementation != "sdpa":
         (log or logger.info)(f"attention: {info.attn_implementation} (model.attn_implementation=auto: transformers has "
                              f"no sdpa attention for {type(model).__name__})")
+    layout = checkpoint_layout(model, info, checkpoint_files(base.path), base)
     if task == CLASSIFICATION:
-        info.new_params = _init_new_head(model, info, dtype, device)
-    fill_from_checkpoint(model, info, device, dtype, progress=progress)
+        info.new_params = _init_new_head(model, info, layout, dtype, device)
+    fill_from_checkpoint(model, info, device, dtype, progress=progress, layout=layout)
     return _finish(model, info, device)
 
 
-def _init_new_head(model: nn.Module, info: LoadInfo, dtype: torch.dtype, device: torch.device) -> set[str]:
+def _init_new_head(model: nn.Module, info: LoadInfo, layout: CheckpointLayout, dtype: torch.dtype,
+                   device: torch.device) -> set[str]:
     """A classification head that a causal checkpoint lacks starts as transformers initialises it
     (normal, std = initializer_range); it is trained in full beside LoRA. Returns the new parameters' names."""
-    expected = expected_shapes(model, info.swapped)
-    prefix = getattr(model, "base_model_prefix", "model")
-    present = {checkpoint_key_to_param(key, expected, prefix) for key in checkpoint_files(info.source)}
-    new = {name for name in expected if name not in present and name.rpartition(".")[0] not in info.swapped}
+    expected = layout.expected
+    present = {layout.param_of(key) for key in checkpoint_files(info.source)}
+    new = {name for name in expected if name not in present and name.rpartition(".")[0] not in info.swapped
+           and name not in info.experts}
     std = getattr(model.config, "initializer_range", 0.02)
     for name in sorted(new):
         module_name, _, attr = name.rpartition(".")
@@ -354,7 +382,8 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
     dtype = resolve_dtype(compute_dtype, device)
     model = build_empty_model(config, compute_dtype=dtype)
     swapped = swap_in_nf4_linears(model, dtype)
-    shapes = expected_shapes(model, swapped)
+    experts = swap_in_nf4_experts(model, dtype, device)
+    shapes = expected_shapes(model, swapped, experts)
     generator = torch.Generator(device=device).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)  # {target: source}: tied after filling
@@ -364,7 +393,8 @@ def random_quantized(config: PretrainedConfig, *, compute_dtype: str | torch.dty
         value = _random_like(name, shapes[name], dtype, device, generator, std)
         _set_tensor(model, name, value, swapped, device, dtype)
     _tie_and_check_missing(model, shapes, {n for n in shapes if not _is_meta(model, n)}, Path("<random>"))
-    return _finish(model, LoadInfo(swapped, None, attn_implementation=chosen_attn_implementation(model)), device)
+    info = LoadInfo(swapped, None, attn_implementation=chosen_attn_implementation(model), experts=experts)
+    return _finish(model, info, device)
 
 
 def _random_like(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
@@ -380,32 +410,6 @@ def _random_like(name: str, shape: torch.Size, dtype: torch.dtype, device: torch
 def _is_meta(model: nn.Module, name: str) -> bool:
     module_name, _, attr = name.rpartition(".")
     param = getattr(model.get_submodule(module_name), attr)
+    if is_nf4_experts(param):
+        return not bool(param.absmax.any())  # allocated empty: nothing quantized into it yet
     return param is None or param.device.type == "meta"
-
-
-def model_summary(model: nn.Module) -> str:
-    """A short human summary: architecture, which layers are 4-bit, and the bytes they take."""
-    info = load_info(model)
-    swapped = info.swapped
-    nf4_bytes = sum(quant.quantized_bytes(model.get_submodule(n)) for n in swapped)
-    nf4_params = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in swapped)
-    seen, other_bytes, other_params = set(), 0, 0
-    for name, p in model.named_parameters():
-        if name.rpartition(".")[0] in swapped or id(p) in seen:
-            continue
-        seen.add(id(p))
-        other_bytes += p.numel() * p.element_size()
-        other_params += p.numel()
-    kinds = sorted({n.rsplit(".", 1)[-1] for n in swapped})
-    some = next(iter(swapped), None)
-    compute = model.get_submodule(some).compute_dtype if some else None
-    lines = [
-        f"model:        {type(model).__name__} from {info.source or 'random weights'}",
-        f"4-bit NF4:    {len(swapped)} linear layers ({', '.join(kinds)}), {nf4_params / 1e6:.2f}M params, "
-        f"{nf4_bytes / 2**20:.2f} MiB",
-        f"full prec.:   {other_params / 1e6:.2f}M params (embeddings, norms, output layer), "
-        f"{other_bytes / 2**20:.2f} MiB",
-        f"compute:      {compute}, device {next(model.parameters()).device}",
-    ]
-    return "\n".join(lines)
-

@@ -31,10 +31,13 @@ from tqdm.auto import tqdm
 
 from qlora_trainer import atomic, libc, quant, tasks
 from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
-from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
+from qlora_trainer.base_model import (BaseModel, by_file, checkpoint_files, prequantized_error, resolve_base,
+                                      stream_tensors)
 from qlora_trainer.errors import ArgumentError, UserError
-from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
-                                   swap_in_nf4_linears)
+from qlora_trainer.expert_layout import CheckpointLayout, ExpertGroup, NotDequantizable
+from qlora_trainer.experts import expert_parameter_names
+from qlora_trainer.loading import build_empty_model, expected_shapes, is_other_task_head, swap_in_nf4_linears
+from qlora_trainer.merge_experts import ExpertDelta, merged_group, output_order
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES,
                                  DTYPE_NAMES, MERGE_INTO, MODEL_CONFIG_FILE, MODEL_INDEX_FILE, PEFT_TASK_TYPES,
                                  RUN_CONFIG_FILE, dtype_name, torch_dtype)
@@ -93,6 +96,8 @@ class _Entry:
     lora: tuple[torch.Tensor, torch.Tensor] | None = None
     quantized: bool = False
     conv1d: bool = False
+    group: ExpertGroup | None = None  # a tensor of a fused expert parameter (merge_experts.py)
+    expert_delta: ExpertDelta | None = None  # on a group's entries: the LoRA update of its experts, if any
 
     @property
     def nbytes(self) -> int:
@@ -108,8 +113,12 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
     check_base_fingerprint(adapter, model)
     swapped = swap_in_nf4_linears(model, compute_dtype)
     expected = expected_shapes(model, swapped)
-    prefix = getattr(model, "base_model_prefix", "model")
     files = checkpoint_files(base.path)
+    try:
+        layout = CheckpointLayout(model, files, expected, expert_parameter_names(model),
+                                  base.raw_config.get("quantization_config"))
+    except NotDequantizable as err:
+        raise prequantized_error(base, str(err)) from None
     headers = header_entries(files)
 
     entries, by_param = [], {}
@@ -118,11 +127,15 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
             if is_other_task_head(model, key):
                 continue
             shape, dtype = headers[key]
-            param = checkpoint_key_to_param(key, expected, prefix)
+            param, group = layout.param_of(key), layout.group_of(key)
+            if group is not None and group.dequantizes:  # written as the full-precision parameter, once
+                if key != group.keys[0]:
+                    continue
+                key, shape, dtype = param, tuple(expected[param]), torch.bfloat16  # its quantizer's default
             target = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
-            entry = _Entry(key, file, shape, target, param)
+            entry = _Entry(key, file, shape, target, param, group=group)
             entries.append(entry)
-            if param is not None:
+            if param is not None and entry.group is None:
                 by_param[param] = entry
 
     adapter_file = adapter.file(ADAPTER_WEIGHTS_FILE)
@@ -150,6 +163,9 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
 
     for param, tensor in adapter.extra.items():  # tensors trained in full (modules_to_save): replace or add
         tensor_dtype = out_dtype or (by_param[param].out_dtype if param in by_param else tensor.dtype)
+        if param in layout.groups:
+            raise UserError(f"{adapter_file}: adapter replaces the expert weight {param!r} in full, which merge "
+                            "cannot write back into the checkpoint's expert layout")
         if param in by_param:
             if tuple(tensor.shape) != by_param[param].shape:
                 raise UserError(f"{adapter_file}: tensor {param!r} has shape {tuple(tensor.shape)}, but the base has "
@@ -157,7 +173,7 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
             by_param[param].file, by_param[param].out_dtype = None, tensor_dtype
         else:
             entries.append(_Entry(param, None, tuple(tensor.shape), tensor_dtype, param))
-    return entries
+    return output_order(entries)
 
 
 def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -175,27 +191,40 @@ def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
 
 # ---------------------------------------------------------------------------------------- writing
 
-def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: torch.dtype, progress: bool):
+def _merged_tensors(entries: list[_Entry], base_dir: Path, adapter, into: str, compute_dtype: torch.dtype,
+                    progress: bool):
     """Yield (entry, output tensor) in checkpoint order, reading one base tensor at a time."""
-    from_checkpoint = {e.key: e.file for e in entries if e.file is not None}
-    by_key = {e.key: e for e in entries}
-    stream = stream_tensors(from_checkpoint, torch.device("cpu"))
+    files = checkpoint_files(base_dir)
+    wanted = {k for e in entries if e.file is not None for k in (e.group.keys if e.group is not None else [e.key])}
+    stream = stream_tensors({k: f for k, f in files.items() if k in wanted}, torch.device("cpu"))
+    read: dict[str, torch.Tensor] = {}  # tensors of a fused expert parameter, until its last one is read
+
+    def tensor_of(key: str) -> torch.Tensor:
+        while key not in read:
+            name, tensor, _ = next(stream)
+            read[name] = tensor
+        return read.pop(key)
+
+    experts_out: dict[str, torch.Tensor] = {}  # the merged tensors of the current expert group, by checkpoint key
     bar = tqdm(total=len(entries), desc=f"merging ({into})", unit="tensor", disable=not progress, leave=False)
     for entry in entries:
         if entry.file is None:
             tensor = adapter.extra[entry.param]
+        elif entry.group is not None:
+            if entry.key not in experts_out:
+                experts_out = merged_group(entry.group, {k: tensor_of(k) for k in entry.group.keys}, entry.file,
+                                           into=into, compute_dtype=compute_dtype, delta=entry.expert_delta)
+            tensor = experts_out.pop(entry.key)
+            _check_finite(entry, tensor)
         else:
-            key, tensor, _ = next(stream)
-            assert key == entry.key and by_key[key] is entry
+            tensor = tensor_of(entry.key)
             if entry.lora is not None:
                 tensor = merge_weight(tensor, *entry.lora, adapter.scale, into=into, compute_dtype=compute_dtype,
                                       quantized=entry.quantized, conv1d=entry.conv1d)
             elif into == "dequantized" and entry.quantized:
                 tensor = base_weight(tensor, into=into, compute_dtype=compute_dtype, quantized=True,
                                      conv1d=entry.conv1d)
-            if not torch.isfinite(tensor).all() and tensor.is_floating_point():
-                raise UserError(f"{entry.file}: merged tensor {entry.key!r} has NaN/inf values: "
-                                "the adapter or the checkpoint is corrupt")
+            _check_finite(entry, tensor)
         yield entry, tensor.to(entry.out_dtype)
         del tensor
         libc.malloc_trim()
@@ -203,9 +232,16 @@ def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: to
     bar.close()
 
 
+def _check_finite(entry: _Entry, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise UserError(f"{entry.file}: merged tensor {entry.key!r} has NaN/inf values: "
+                        "the adapter or the checkpoint is corrupt")
+
+
 def _merged_config(base: BaseModel, out_dtype: torch.dtype | None, task: Task, adapter: Adapter) -> dict:
     """config.json of the merged model: the base's, with the output dtype, as the adapter's task wants it."""
     raw = dict(base.raw_config)
+    raw.pop("quantization_config", None)  # a base stored quantized (MXFP4) is written in full precision
     if out_dtype is not None:
         raw["dtype"] = CONFIG_DTYPE_NAMES[dtype_name(out_dtype)]
         if "torch_dtype" in raw:  # written by transformers 4.x
@@ -304,9 +340,6 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
     adapter_dir = Path(adapter)
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: no such adapter folder ({ADAPTER_CONFIG_FILE} + {ADAPTER_WEIGHTS_FILE})")
-    if base.raw_config.get("quantization_config"):
-        raise UserError(f"{base.path / MODEL_CONFIG_FILE}: this checkpoint is already quantized; merge needs the "
-                        "full-precision base (the folder the adapter was trained from)")
     out_dtype = _dtype_argument(dtype, "dtype")
     adapter_obj = read_adapter(adapter_dir)
     task_type = adapter_obj.config.get("task_type") or PEFT_TASK_TYPES["causal_lm"]
@@ -321,7 +354,7 @@ def merge(base: str | os.PathLike | BaseModel, adapter: str | os.PathLike, out: 
     shards = _layout(entries, parse_size(max_shard_size))
 
     def write(tmp: Path) -> None:
-        merged = _merged_tensors(entries, adapter_obj, into, compute, progress)
+        merged = _merged_tensors(entries, base.path, adapter_obj, into, compute, progress)
         weight_map = {}
         for i, shard in enumerate(shards):
             name = shard_name(i, len(shards))

@@ -89,6 +89,30 @@ def quantize_into(module: nn.Module, weight: torch.Tensor, device: torch.device 
     module.quant_state = state
 
 
+def quantize_nf4_parts(weight: torch.Tensor, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """quantize_nf4 as plain tensors, for storage that is not a Linear4bit (NF4 experts, one expert at a time):
+    packed (uint8 codes, two per byte), absmax (uint8, one per 64 values), absmax2 (fp32, one per 256 absmax),
+    offset (fp32 scalar). The two code tables are the same for every weight (nf4_code_tables)."""
+    packed, state = quantize_nf4(weight, dtype)
+    return {"packed": packed.view(-1), "absmax": state.absmax, "absmax2": state.state2.absmax,
+            "offset": state.offset.reshape(())}
+
+
+def nf4_code_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(the NF4 code, the 8-bit dynamic code of the double quantization's second level)."""
+    return bnbf.get_4bit_type(QUANT_TYPE, device=device), bnbf.create_dynamic_map(signed=True).to(device)
+
+
+def dequantize_nf4_parts(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor,
+                         shape: torch.Size, dtype: torch.dtype, code: torch.Tensor,
+                         code2: torch.Tensor) -> torch.Tensor:
+    """The weight of quantize_nf4_parts back, in `dtype` (what it was cast to before quantizing)."""
+    state2 = bnbf.QuantState(absmax=absmax2, code=code2, blocksize=256, dtype=torch.float32)
+    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=BLOCKSIZE, code=code,
+                            quant_type=QUANT_TYPE, offset=offset, state2=state2)
+    return bnbf.dequantize_4bit(packed.view(-1, 1), state)
+
+
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The weight a 4-bit linear actually computes with, (out, in), in the dtype it was quantized from."""
     return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)

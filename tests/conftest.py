@@ -40,6 +40,18 @@ def tiny_llama(tmp_path_factory):
         return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """{(arch, layout): folder} for every MoE architecture and layout of scripts/make_tiny_moe.py (random, bf16,
+    sharded at 200KB, so one layer's experts span shards): a few seconds for all of them. Read-only: copy first."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_moe import LAYOUTS, make_tiny_moe, tokenizer
+
+    root, tok = tmp_path_factory.mktemp("tiny-moe"), tokenizer()
+    return {(arch, layout): make_tiny_moe(root / f"{arch}-{layout}", arch, layout, tok=tok)
+            for arch, layouts in LAYOUTS.items() if arch != "gemma2" for layout in layouts}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: a second thread gains nothing, and on a busy machine OpenMP's spinning threads make every

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qlora_trainer import progress
-    from qlora_trainer.loading import load_quantized, model_summary
+    from qlora_trainer.loading import load_quantized
+    from qlora_trainer.model_summary import model_summary
 
     model = load_quantized(args.model, compute_dtype=args.dtype, device=args.device, progress=progress.bars())
     print(model_summary(model))
