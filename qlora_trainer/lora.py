@@ -164,11 +164,16 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: layer} of every LoRALinear and every ExpertLoRA (under its parameter path)."""
+    return {**lora_modules(model), **expert_lora_modules(model)}
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{<module path>.lora_A: (r, in), <module path>.lora_B: (out, r)} of every LoRA layer; an expert weight's are
     PEFT's (r*E, in) and (out, r*E), under its parameter path."""
     state = {}
-    for name, module in {**lora_modules(model), **expert_lora_modules(model)}.items():
+    for name, module in lora_layers(model).items():
         state[f"{name}.lora_A"] = module.lora_A
         state[f"{name}.lora_B"] = module.lora_B
     return state
