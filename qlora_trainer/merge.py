@@ -33,6 +33,7 @@ from qlora_trainer import atomic, libc, quant, tasks
 from qlora_trainer.adapter import Adapter, check_base_fingerprint, read_adapter, verify_weights_checksum
 from qlora_trainer.base_model import BaseModel, by_file, checkpoint_files, resolve_base, stream_tensors
 from qlora_trainer.errors import ArgumentError, UserError
+from qlora_trainer.expert_lora import expert_delta, expert_parameters
 from qlora_trainer.loading import (build_empty_model, checkpoint_key_to_param, expected_shapes, is_other_task_head,
                                    swap_in_nf4_linears)
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_DTYPE_NAMES,
@@ -69,6 +70,13 @@ def merge_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: 
     return merged.add_(w)
 
 
+def merge_expert_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, *,
+                        transposed: bool) -> torch.Tensor:
+    """One merged fused 3-D expert weight in fp32, in the checkpoint's orientation ((E, out, in), or (E, in, out) when
+    `transposed`): `weight` is the base as the merged model should see it (see base_weight), plus expert_delta."""
+    return expert_delta(A, B, scale, num_experts=weight.shape[0], transposed=transposed).add_(weight.float())
+
+
 def base_weight(weight: torch.Tensor, *, into: str, compute_dtype: torch.dtype, quantized: bool,
                 conv1d: bool = False) -> torch.Tensor:
     """The base weight in fp32 as the merged model should see it, before any LoRA update."""
@@ -93,6 +101,8 @@ class _Entry:
     lora: tuple[torch.Tensor, torch.Tensor] | None = None
     quantized: bool = False
     conv1d: bool = False
+    expert_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # PEFT's (r*E, in), (out, r*E) of a fused expert weight
+    transposed: bool = False  # an expert weight stored (E, in, out) (gpt-oss)
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +152,7 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
                             f"do not fit the base weight {entry.key} {entry.shape}: this adapter was trained on a "
                             f"different base than {base.path}")
         entry.lora = (A, B)
+    _attach_expert_updates(model, adapter, by_param, base)
     for entry in entries:
         if entry.param is not None and entry.param.endswith(".weight"):
             module_name = entry.param.removesuffix(".weight")
@@ -158,6 +169,27 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
         else:
             entries.append(_Entry(param, None, tuple(tensor.shape), tensor_dtype, param))
     return entries
+
+
+def _attach_expert_updates(model, adapter: Adapter, by_param: dict[str, _Entry], base: BaseModel) -> None:
+    """Give each fused expert weight of the checkpoint its factors (and orientation), checked against its shape."""
+    shapes = expert_parameters(model)
+    adapter_file = adapter.file(ADAPTER_WEIGHTS_FILE)
+    for path, (A, B) in adapter.experts.items():
+        entry = by_param.get(path)
+        if path not in shapes:
+            raise UserError(f"{adapter_file}: adapter has a LoRA update for the expert weight {path!r}, but the base "
+                            f"model has no such weight: this adapter was trained on a different base than {base.path}")
+        if entry is None:
+            raise UserError(f"{base.path}: stores the experts of {path.rpartition('.')[0]} one tensor per expert; "
+                            "merging LoRA on expert weights needs the fused layout (one 3-D tensor per projection)")
+        experts, out_features, in_features = shapes[path]
+        if A.shape != (adapter.r * experts, in_features) or B.shape != (out_features, adapter.r * experts):
+            raise UserError(f"{adapter_file}: LoRA shapes for {path!r} (A {tuple(A.shape)}, B {tuple(B.shape)}) do not "
+                            f"fit the base weight {entry.key} {entry.shape}: this adapter was trained on a different "
+                            f"base than {base.path}")
+        entry.expert_lora = (A, B)
+        entry.transposed = bool(model.get_submodule(path.rpartition(".")[0]).is_transposed)
 
 
 def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
@@ -190,6 +222,8 @@ def _merged_tensors(entries: list[_Entry], adapter, into: str, compute_dtype: to
             if entry.lora is not None:
                 tensor = merge_weight(tensor, *entry.lora, adapter.scale, into=into, compute_dtype=compute_dtype,
                                       quantized=entry.quantized, conv1d=entry.conv1d)
+            elif entry.expert_lora is not None:  # expert weights stay in full precision when loaded
+                tensor = merge_expert_weight(tensor, *entry.expert_lora, adapter.scale, transposed=entry.transposed)
             elif into == "dequantized" and entry.quantized:
                 tensor = base_weight(tensor, into=into, compute_dtype=compute_dtype, quantized=True,
                                      conv1d=entry.conv1d)

@@ -25,24 +25,24 @@ _COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_k
                tie_word_embeddings=False)
 
 
-def moe_config(arch: str):
+def moe_config(arch: str, experts: int = 4):
     """A tiny config of `arch`: 2 layers, 4 experts (2 per token), hidden 64 (a whole NF4 block per row)."""
     if arch == "mixtral":
-        return MixtralConfig(**_COMMON, intermediate_size=128, num_local_experts=4)
+        return MixtralConfig(**_COMMON, intermediate_size=128, num_local_experts=experts)
     if arch == "qwen3_moe":
-        return Qwen3MoeConfig(**_COMMON, intermediate_size=128, moe_intermediate_size=64, num_experts=4, head_dim=16,
-                              norm_topk_prob=True)
+        return Qwen3MoeConfig(**_COMMON, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
+                              head_dim=16, norm_topk_prob=True)
     if arch == "gpt_oss":
-        return GptOssConfig(**_COMMON, intermediate_size=64, num_local_experts=4, head_dim=16,
+        return GptOssConfig(**_COMMON, intermediate_size=64, num_local_experts=experts, head_dim=16,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise ValueError(arch)
 
 
-def write_fused_moe(out: Path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """A random tiny `arch` model saved fused (config.json, model.safetensors, a word-level tokenizer). The expert
-    weights get a larger spread than the default init, so that LoRA on them moves the logits visibly."""
+def write_fused_moe(out: Path, arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    experts: int = 4) -> Path:
+    """A random tiny `arch` model saved fused (config.json, model.safetensors, a word-level tokenizer)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(moe_config(arch)).to(dtype)
+    model = AutoModelForCausalLM.from_config(moe_config(arch, experts)).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, out / "model.safetensors", metadata={"format": "pt"})
