@@ -101,7 +101,7 @@ class _Entry:
     lora: tuple[torch.Tensor, torch.Tensor] | None = None
     quantized: bool = False
     conv1d: bool = False
-    expert_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # PEFT's (r*E, in), (out, r*E) of a fused expert weight
+    expert_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # PEFT's (r*E, in), (out, r*E): a fused expert weight
     transposed: bool = False  # an expert weight stored (E, in, out) (gpt-oss)
 
     @property
