@@ -269,6 +269,22 @@ def lora_tensor_sizes(shape: ModelShape, run: RunSettings) -> list[int]:
     return per_layer * shape.layers
 
 
+def expert_lora_sizes(config: Mapping[str, Any], rank: int, targets: Sequence[str] = ("gate_up_proj", "down_proj")
+                      ) -> list[int]:
+    """numel of every LoRA tensor on the fused expert weights of an MoE config.json (expert_lora.py, PEFT's layout):
+    per layer and targeted projection, A (r*E, in) and B (out, r*E), with gate_up_proj (2I, H) and down_proj (H, I)
+    per expert. E is num_local_experts or num_experts, I moe_intermediate_size or intermediate_size; [] for a config
+    without experts. For the MoE support of estimate_memory, which counts dense layers only so far."""
+    experts = config.get("num_local_experts") or config.get("num_experts") or 0
+    if not experts:
+        return []
+    hidden = config["hidden_size"]
+    inner = config.get("moe_intermediate_size") or config["intermediate_size"]
+    shapes = {"gate_up_proj": (2 * inner, hidden), "down_proj": (hidden, inner)}  # (out, in) of one expert
+    per_layer = [n for t in targets for n in (rank * experts * shapes[t][1], shapes[t][0] * rank * experts)]
+    return per_layer * config["num_hidden_layers"]
+
+
 def optimizer_state_bytes(sizes: Sequence[int], optimizer: str) -> int:
     """AdamW keeps two moments per parameter: fp32 (8 B/param), or in bitsandbytes 8-bit form uint8 + an
     fp32 absmax per 256 values each, with tensors under 4096 elements left in fp32; the 8-bit tensors share

@@ -263,3 +263,29 @@ def test_training_lowers_the_loss_and_changes_only_lora(arch):
     for name, param in model.named_parameters():
         changed = not torch.equal(before[name], param.detach())
         assert changed == (".lora_" in name), name
+
+
+# ------------------------------------------------------------------------------------------ counting
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainable_parameter_summary_counts_expert_lora_as_peft_does(arch):
+    from qlora_trainer.lora import trainable_parameter_summary
+
+    ours = _tiny(arch)
+    apply_lora(ours, "all-linear", r=4, alpha=8)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+                        target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    trainable, total = get_peft_model(_tiny(arch), config).get_nb_trainable_parameters()
+    assert trainable_parameter_summary(ours)[:2] == (trainable, total)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_estimate_counts_the_expert_lora_tensors_of_a_config(arch):
+    """estimate.expert_lora_sizes from config.json alone (torch-free) against the tensors apply_lora makes."""
+    from qlora_trainer.estimate import expert_lora_sizes
+
+    model = _tiny(arch)
+    apply_lora(model, ["gate_up_proj", "down_proj"], r=3, alpha=6)
+    made = sorted(t.numel() for t in lora_state_dict(model).values())
+    assert sorted(expert_lora_sizes(model.config.to_dict(), 3)) == made
+    assert expert_lora_sizes({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2}, 3) == []
