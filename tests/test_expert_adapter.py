@@ -155,3 +155,20 @@ def test_a_checkpoint_restores_expert_factors(fused, ours_saved):
         assert torch.equal(restored.lora_A, layer.lora_A) and torch.equal(restored.lora_B, layer.lora_B)
     x = random_ids(VOCAB)
     torch.testing.assert_close(logits_of(fresh.eval(), x), logits_of(model.eval(), x))
+
+
+def test_partly_targeted_expert_weights_round_trip_through_peft(fused, tmp_path):
+    """gate_up_proj in layer 1 only: target_parameters names its full path, and PEFT nests only there."""
+    model = load_ours(fused["gpt_oss"])
+    apply_lora(model, ["layers.1.mlp.experts.gate_up_proj", "down_proj"], r=2, alpha=4)
+    _random_b(model, seed=3)
+    folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(fused["gpt_oss"]))
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    assert config["target_parameters"] == ["experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]
+    assert config["target_modules"] == []
+    keys = set(safetensors.torch.load_file(folder / ADAPTER_WEIGHTS_FILE))
+    assert f"{KEY0}.lora_A.weight" in keys and f"{KEY0}.base_layer.lora_A.weight" not in keys
+    reference = PeftModel.from_pretrained(transformers_nf4(fused["gpt_oss"]), folder).eval()
+    x = random_ids(VOCAB, length=20, seed=4)
+    torch.testing.assert_close(logits_of(reference, x), logits_of(model.eval(), x), rtol=1e-4, atol=1e-4)
+    assert set(read_adapter(folder).experts) == set(expert_lora_modules(model))
