@@ -137,8 +137,8 @@ def _experts_modules(model: nn.Module):
 
 
 def expert_parameters(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """{parameter path: (experts, out, in)} of every 3-D expert weight LoRA may target, wrapped or not, in model order
-    (the projections of one module in the order it registers them)."""
+    """{parameter path: (experts, out, in)} of every 3-D expert weight LoRA may target, wrapped or not, module by
+    module, each module's projections in EXPERT_PROJECTIONS' order (the order transformers registers them in)."""
     found = {}
     for name, module in _experts_modules(model):
         for attr in EXPERT_PROJECTIONS:
