@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import atomic
 from qlora_trainer.errors import UserError
+from qlora_trainer.expert_lora import expert_lora_modules, expert_parameters
 from qlora_trainer.fingerprint import base_fingerprint, fingerprint_differences, linear_shapes
 from qlora_trainer.lora import apply_lora, lora_modules
 from qlora_trainer.names import (ADAPTER_CONFIG_FILE, ADAPTER_RECORD_FILE, ADAPTER_WEIGHTS_FILE, CAUSAL_LM,
@@ -51,23 +52,28 @@ def write_model_adapter(model: nn.Module, folder: Path, *, base_model_name_or_pa
     """The model's LoRA layers (r, alpha, dropout and rsLoRA read from the layers), the parameters of the modules
     named in modules_to_save (a classifier's head), the base fingerprint and the compute dtype, as adapter files in
     an existing folder. `classifier`: the label names and pad id a SEQ_CLS adapter records."""
-    layers = lora_modules(model)
-    if not layers:
+    layers, experts = lora_modules(model), expert_lora_modules(model)
+    if not layers and not experts:
         raise ValueError("the model has no LoRA layers to save: call apply_lora first")
-    settings = {(layer.r, layer.alpha, layer.dropout_p, layer.use_rslora) for layer in layers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"the LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
-                         "PEFT's layout holds one setting for all")
-    (r, alpha, dropout, use_rslora), = settings
+    settings = {(layer.r, layer.alpha, layer.use_rslora) for layer in [*layers.values(), *experts.values()]}
+    dropouts = {layer.dropout_p for layer in layers.values()}
+    if len(settings) > 1 or len(dropouts) > 1:
+        raise ValueError(f"the LoRA layers differ in (r, alpha, use_rslora): {sorted(settings)} or dropout "
+                         f"{sorted(dropouts)}; PEFT's layout holds one setting for all")
+    (r, alpha, use_rslora), = settings
+    # PEFT refuses lora_dropout != 0 with target_parameters; the expert weights trained without it, the linears'
+    # dropout only mattered in training (the run's config.yaml keeps it).
+    dropout = 0.0 if experts else next(iter(dropouts))
     config = peft_config(base_model_name_or_path=base_model_name_or_path, r=r, alpha=alpha, dropout=dropout,
                          use_rslora=use_rslora, task_type=task_type, modules_to_save=modules_to_save,
                          target_modules=_target_modules(model, list(layers)),
+                         target_parameters=_target_parameters(model, list(experts)),
                          fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()))
     weights = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
     record = adapter_record(compute_dtype=_compute_dtype_name(model), fingerprint=base_fingerprint(model),
                             classifier=classifier)
     write_adapter_files(folder, weights, config=config, extra=_modules_to_save_state(model, modules_to_save),
-                        record=record)
+                        record=record, experts={name: (e.lora_A, e.lora_B) for name, e in experts.items()})
 
 
 def replaceable(folder: Path) -> bool:
@@ -87,6 +93,19 @@ def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
             targets.append(short)
         else:
             targets.extend(sorted(n for n in wrapped if n.rsplit(".", 1)[-1] == short))
+    return targets
+
+
+def _target_parameters(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """PEFT's target_parameters for the wrapped expert weights: "<module>.<parameter>" ("experts.gate_up_proj") where
+    every expert weight of that name was wrapped, else the full paths; sorted."""
+    every = list(expert_parameters(model))
+    targets = []
+    for short in sorted({".".join(name.rsplit(".", 2)[-2:]) for name in wrapped}):
+        if all(n in wrapped for n in every if n.endswith("." + short)):
+            targets.append(short)
+        else:
+            targets.extend(sorted(n for n in wrapped if n.endswith("." + short)))
     return targets
 
 
@@ -153,7 +172,7 @@ def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers: load the adapter into a fresh base model")
     adapter = validate(model, adapter_dir, check_base=check_base)
-    apply_lora(model, list(adapter.weights), r=adapter.r, alpha=adapter.alpha,
+    apply_lora(model, list(adapter.weights) + list(adapter.experts), r=adapter.r, alpha=adapter.alpha,
                dropout=float(adapter.config["lora_dropout"]), use_rslora=adapter.use_rslora)
     copy_weights_into(model, adapter)
     return adapter
@@ -161,13 +180,14 @@ def load_adapter_into(model: nn.Module, adapter_dir: str | os.PathLike, *, check
 
 @torch.no_grad()
 def copy_weights_into(model: nn.Module, adapter: Adapter) -> None:
-    """Copy the adapter's A/B into the model's LoRA layers of the same paths, and its fully trained tensors
-    (modules_to_save) into the parameters of the same names. The model's LoRA layers must be exactly the
-    adapter's."""
-    layers = lora_modules(model)
-    if set(adapter.weights) != set(layers):
-        raise ValueError(f"the adapter's LoRA modules ({len(adapter.weights)}) are not the model's ({len(layers)})")
-    for name, (A, B) in adapter.weights.items():
+    """Copy the adapter's A/B into the model's LoRA layers of the same paths (linears and expert weights), and its
+    fully trained tensors (modules_to_save) into the parameters of the same names. The model's LoRA layers must be
+    exactly the adapter's."""
+    layers = {**lora_modules(model), **expert_lora_modules(model)}
+    if set(adapter.weights) | set(adapter.experts) != set(layers):
+        raise ValueError(f"the adapter's LoRA modules ({len(adapter.weights) + len(adapter.experts)}) are not the "
+                         f"model's ({len(layers)})")
+    for name, (A, B) in [*adapter.weights.items(), *adapter.experts.items()]:
         layers[name].lora_A.copy_(A)
         layers[name].lora_B.copy_(B)
     for name, value in adapter.extra.items():
@@ -201,6 +221,7 @@ def _check_shapes(model: nn.Module, adapter: Adapter) -> None:
         if A.shape[1] != in_f or B.shape[0] != out_f:
             raise UserError(f"{file}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this "
                             f"base's {name} is (out={out_f}, in={in_f}): the adapter was made for a different model")
+    _check_expert_shapes(model, adapter)
     config = adapter.config
     if not (config.get("exclude_modules") or config.get("layers_to_transform")):
         # What PEFT would wrap on this base must all have weights (PEFT itself would leave them at B = 0).
@@ -215,3 +236,26 @@ def _check_shapes(model: nn.Module, adapter: Adapter) -> None:
             have = tuple(params[name].shape) if name in params else "nothing"
             raise UserError(f"{file}: {PREFIX}{name} has shape {tuple(value.shape)}, but this model has {have} "
                             "there: was it loaded with the same task and num_labels?")
+
+
+def _check_expert_shapes(model: nn.Module, adapter: Adapter) -> None:
+    """Each expert weight's A (r*E, in) and B (out, r*E) fit the model's (E, out, in), and every expert weight that
+    target_parameters names on this base has factors."""
+    file = adapter.file(ADAPTER_WEIGHTS_FILE)
+    shapes = expert_parameters(model)
+    for name, (A, B) in adapter.experts.items():
+        if name not in shapes:
+            raise UserError(f"{file}: has LoRA weights for the expert weight {name}, which this base model does not "
+                            "have: the adapter was made for a different model")
+        experts, out_f, in_f = shapes[name]
+        if A.shape != (adapter.r * experts, in_f) or B.shape != (out_f, adapter.r * experts):
+            raise UserError(f"{file}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this base's "
+                            f"{name} has {experts} experts of (out={out_f}, in={in_f}), so r={adapter.r} needs "
+                            f"({adapter.r * experts}, {in_f}) and ({out_f}, {adapter.r * experts}): the adapter was "
+                            "made for a different model")
+    parameters = adapter.config.get("target_parameters") or []
+    missing = [n for n in shapes if matches_any(n, parameters) and n not in adapter.experts]
+    if missing:
+        raise UserError(f"{file}: no LoRA weights for {missing[0]} ({len(missing)} expert weight(s) in all), which "
+                        f"target_parameters {parameters} names on this base: the file is incomplete or the adapter "
+                        "was made for a different model")

@@ -37,6 +37,8 @@ GIB = 1024**3
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 ALL_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # an MoE layer's 3-D expert weights LoRA may target (expert_lora.py)
+TARGETS = ALL_LINEARS + ("gate_up_proj",)  # all-linear: every linear and, in an MoE layer, every expert weight
 
 # bitsandbytes 8-bit optimizers keep tensors under min_8bit_size in fp32; others as uint8 + fp32 absmax
 # per 256 values, for each of Adam's two moments.
@@ -142,12 +144,12 @@ def settings_from_config(cfg: Any) -> dict[str, Any]:
 def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     """'all-linear', 'q_proj,v_proj' or a list of names -> the names, in layer order."""
     if isinstance(targets, str):
-        targets = ALL_LINEARS if targets == ALL_LINEAR else [t.strip() for t in targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in ALL_LINEARS]
+        targets = TARGETS if targets == ALL_LINEAR else [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         raise ArgumentError("targets", f"{{arg}}: unknown or empty {unknown or list(targets)}; use {ALL_LINEAR} or "
-                                       f"names from {', '.join(ALL_LINEARS)}")
-    return tuple(t for t in ALL_LINEARS if t in targets)
+                                       f"names from {', '.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in targets)
 
 
 def read_config_json(model: str | Path) -> tuple[dict[str, Any], Path]:
@@ -188,9 +190,15 @@ def _as_shape(model: ModelShape | Mapping[str, Any]) -> ModelShape:
 
 
 def lora_tensor_sizes(shape: ModelShape, run: RunSettings) -> list[int]:
-    """numel of every LoRA tensor: A (r, in) and B (out, r) per targeted linear per layer."""
+    """numel of every LoRA tensor: A (r, in) and B (out, r) per targeted linear per layer, and on an MoE layer's
+    targeted expert weights PEFT's target_parameters factors, A (r*E, in) and B (out, r*E) (expert_lora.py)."""
     linears = shape.linear_shapes()
     per_layer = [n for t in run.targets if t in linears for n in (run.rank * linears[t][1], linears[t][0] * run.rank)]
+    if shape.experts:
+        h, i, rank_e = shape.hidden, shape.expert_intermediate, run.rank * shape.experts
+        experts = {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}  # (out, in) of one expert
+        per_layer += [n for t in EXPERT_WEIGHTS if t in run.targets
+                      for n in (rank_e * experts[t][1], experts[t][0] * rank_e)]
     return per_layer * shape.layers
 
 

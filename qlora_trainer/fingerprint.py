@@ -12,6 +12,7 @@ import json
 
 from torch import nn
 
+from qlora_trainer.expert_lora import expert_parameters
 from qlora_trainer.lora import linear_module_names, linear_shape, lora_modules
 
 FINGERPRINT_FORMAT = 1
@@ -28,8 +29,9 @@ FINGERPRINT_FIELDS = (
 
 def base_fingerprint(model: nn.Module) -> dict:
     """What identifies a base for an adapter: architecture, the config fields that fix shapes and compute
-    (with a hash of them), and the (out, in) shape of every linear layer LoRA may wrap. `model` may carry LoRA
-    layers, be a causal LM or a classifier of the same base, or be built on the meta device."""
+    (with a hash of them), the (out, in) shape of every linear layer LoRA may wrap and the (experts, out, in) of every
+    expert weight. `model` may carry LoRA layers, be a causal LM or a classifier of the same base, or be built on the
+    meta device."""
     config = model.config
     raw = config.to_dict()
     fields = {key: raw[key] for key in FINGERPRINT_FIELDS if key in raw}
@@ -39,7 +41,8 @@ def base_fingerprint(model: nn.Module) -> dict:
         "architecture": config.model_type,
         "config": fields,
         "config_hash": hashlib.sha256(canonical.encode()).hexdigest(),
-        "modules": {name: list(shape) for name, shape in linear_shapes(model).items()},
+        "modules": {name: list(shape) for name, shape in sorted({**linear_shapes(model),
+                                                                 **expert_parameters(model)}.items())},
     }
 
 
@@ -72,6 +75,7 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
         diffs.append(f"{len(missing)} linear layer(s) missing from this base, e.g. {missing[0]}")
     for name, shape in saved_modules.items():
         if name in modules and list(shape) != list(modules[name]):
-            diffs.append(f"{name} is {tuple(shape)} (out, in) in the adapter's base vs {tuple(modules[name])} here")
+            layout = "(experts, out, in)" if len(shape) == 3 else "(out, in)"
+            diffs.append(f"{name} is {tuple(shape)} {layout} in the adapter's base vs {tuple(modules[name])} here")
             break
     return diffs

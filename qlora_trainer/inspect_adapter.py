@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from qlora_trainer.errors import ArgumentError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.names import PEFT_TASK_TYPES, CAUSAL_LM
 from qlora_trainer.peft_layout import adapter_record, peft_config, write_adapter_files
-from qlora_trainer.spectrum import (VERDICT_ENERGY, VERDICT_SHARE, ModuleSpectrum, table_key, truncate, verdict,
-                                   verdict_rank)
+from qlora_trainer.spectrum import (VERDICT_ENERGY, VERDICT_SHARE, ModuleSpectrum, table_key, truncate,
+                                   truncate_experts, verdict, verdict_rank)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -34,9 +35,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def table(found: list[ModuleSpectrum], top: int = 4) -> str:
-    """Rows grouped by module type, then layer; each group ends with its mean/median row."""
+    """Rows grouped by module type, then layer; each group ends with its mean/median row. An expert weight has one row
+    per expert (gate_up_proj[0], gate_up_proj[1], ... of each layer, together): each expert's update is its own
+    matrix, with its own rank and size, and the experts of one layer side by side show which ones the adapter used."""
     with_base = any(s.base_norm is not None for s in found)
-    head = f"{'module':<10} {'layer':>5} {'r90':>4} {'r99':>4} {'s1/sr':>8} {'|dW|_F':>9}"
+    width = max([10] + [len(s.label) for s in found])
+    head = f"{'module':<{width}} {'layer':>5} {'r90':>4} {'r99':>4} {'s1/sr':>8} {'|dW|_F':>9}"
     head += f" {'|dW|/|W|':>9}" if with_base else ""
     head += "  top singular values"
     lines = [head, "-" * len(head)]
@@ -44,7 +48,7 @@ def table(found: list[ModuleSpectrum], top: int = 4) -> str:
     for kind in kinds:
         group = [s for s in found if s.kind == kind]
         for s in group:
-            row = (f"{kind:<10} {'-' if s.layer is None else s.layer:>5} {s.rank90:>4} {s.rank99:>4} "
+            row = (f"{s.label:<{width}} {'-' if s.layer is None else s.layer:>5} {s.rank90:>4} {s.rank99:>4} "
                    f"{_fmt(s.condition, '8.1f'):>8} {s.norm:>9.3g}")
             row += f" {_fmt(s.relative, '9.2%'):>9}" if with_base else ""
             row += "  " + " ".join(f"{float(v):.3g}" for v in s.sigma[:top])
@@ -52,7 +56,7 @@ def table(found: list[ModuleSpectrum], top: int = 4) -> str:
         if len(group) > 1:
             mean = lambda values: sum(values) / len(values)  # noqa: E731
             conds = sorted(s.condition for s in group)
-            row = (f"{kind:<10} {'mean':>5} {mean([s.rank90 for s in group]):>4.1f} "
+            row = (f"{kind:<{width}} {'mean':>5} {mean([s.rank90 for s in group]):>4.1f} "
                    f"{mean([s.rank99 for s in group]):>4.1f} {_fmt(conds[len(conds) // 2], '8.1f'):>8} "
                    f"{mean([s.norm for s in group]):>9.3g}")
             if with_base:
@@ -75,10 +79,13 @@ def plot(found: list[ModuleSpectrum], path: str | os.PathLike) -> Path:
 
     kinds = list(dict.fromkeys(s.kind for s in found))
     layers = sorted({s.layer for s in found if s.layer is not None}) or [None]
-    grid = torch.full((len(layers), len(kinds)), float("nan"))
+    cells: dict[tuple[int, int], list[int]] = {}  # an expert weight: one 90% rank per expert, shown as their mean
     for s in found:
         if s.layer in layers:
-            grid[layers.index(s.layer), kinds.index(s.kind)] = s.rank90
+            cells.setdefault((layers.index(s.layer), kinds.index(s.kind)), []).append(s.rank90)
+    grid = torch.full((len(layers), len(kinds)), float("nan"))
+    for (i, j), ranks in cells.items():
+        grid[i, j] = sum(ranks) / len(ranks)
     r = max(s.r for s in found)
 
     fig, (ax_map, ax_spec) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.25 * len(layers) + 1.5)),
@@ -139,8 +146,12 @@ def attach_base_norms(found: list[ModuleSpectrum], adapter: Adapter, base: str |
                            **task.model_kwargs(adapter=adapter))
     validate(model, adapter.path)
     for s in found:
-        module = model.get_submodule(s.name)
-        weight = quant.dequantize(module) if quant.is_nf4_linear(module) else module.weight
+        if s.expert is not None:  # an expert weight (a Parameter or an NF4 store): expert s.expert's matrix
+            parent, _, attr = s.name.rpartition(".")
+            weight = getattr(model.get_submodule(parent), attr)[s.expert]
+        else:
+            module = model.get_submodule(s.name)
+            weight = quant.dequantize(module) if quant.is_nf4_linear(module) else module.weight
         s.base_norm = float(weight.detach().double().norm())
 
 
@@ -158,31 +169,43 @@ def write_truncated(adapter: Adapter, rank: int, out: str | os.PathLike) -> dict
         raise ArgumentError("out", f"{final}: exists and is not an adapter folder; refusing to replace it: "
                                    "choose another {arg} or remove it")
     weights, errors, _ = truncate(adapter, rank)
+    experts, expert_errors = truncate_experts(adapter, rank)
     source_config = adapter.config
     defaults = peft_config(base_model_name_or_path=source_config.get("base_model_name_or_path") or "", r=rank,
                            alpha=adapter.alpha, dropout=float(source_config["lora_dropout"]),
                            use_rslora=adapter.use_rslora, task_type=PEFT_TASK_TYPES[CAUSAL_LM],
-                           target_modules=source_config["target_modules"], fan_in_fan_out=False)
+                           target_modules=source_config["target_modules"], fan_in_fan_out=False,
+                           target_parameters=source_config.get("target_parameters"))
     config = {**defaults, **source_config, "r": rank}
     # A source from PEFT has no record of ours, so neither has its truncation.
     record = None if adapter.fingerprint is None else adapter_record(
         compute_dtype=adapter.compute_dtype, fingerprint=adapter.fingerprint, classifier=adapter.classifier)
 
     def write(folder: Path) -> None:
-        write_adapter_files(folder, weights, config=config, extra=adapter.extra, record=record)
+        write_adapter_files(folder, weights, config=config, extra=adapter.extra, record=record, experts=experts)
         for extra in source.iterdir() if source is not None else []:  # a tokenizer saved with the adapter
             if extra.is_file() and extra.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 shutil.copy2(extra, folder / extra.name)
 
     atomic.write_folder(final, write)
-    return errors
+    return {**errors, **expert_errors}
 
 
 def error_table(errors: dict[str, float]) -> str:
-    found = sorted((ModuleSpectrum(name, torch.ones(1), 1) for name in errors), key=table_key)
-    lines = [f"{'module':<10} {'layer':>5} {'rel. error':>10}"]
+    found = sorted((_spectrum_of_key(name) for name in errors), key=table_key)
+    width = max([10] + [len(s.label) for s in found])
+    lines = [f"{'module':<{width}} {'layer':>5} {'rel. error':>10}"]
     for s in found:
-        lines.append(f"{s.kind:<10} {'-' if s.layer is None else s.layer:>5} {errors[s.name]:>10.2%}")
+        key = s.name if s.expert is None else f"{s.name}[{s.expert}]"
+        lines.append(f"{s.label:<{width}} {'-' if s.layer is None else s.layer:>5} {errors[key]:>10.2%}")
     return "\n".join(lines)
 
 
+
+
+def _spectrum_of_key(key: str) -> ModuleSpectrum:
+    """A placeholder spectrum for a module path or an expert's "<path>[e]", for its place in the table."""
+    match = re.fullmatch(r"(.+)\[(\d+)\]", key)
+    if match:
+        return ModuleSpectrum(match.group(1), torch.ones(1), 1, expert=int(match.group(2)))
+    return ModuleSpectrum(key, torch.ones(1), 1)

@@ -17,11 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 from qlora_trainer import quant
 from qlora_trainer.errors import UserError
-from qlora_trainer.names import ALL_LINEAR
-
-
-def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+from qlora_trainer.expert_lora import expert_lora_modules, expert_parameters, use_eager_experts, wrap_expert_parameter
+from qlora_trainer.names import ALL_LINEAR, lora_scale  # noqa: F401 (lora_scale: re-exported)
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,9 +120,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Module paths for `targets`: "all-linear", or short names matched on the last path part(s) the way
-    PEFT matches target_modules ("q_proj" matches "model.layers.0.self_attn.q_proj")."""
-    candidates = linear_module_names(model)
+    """Paths for `targets`: "all-linear" (every linear but the output layer, and every expert weight of an MoE layer,
+    never its router), or names matched on the last path part(s) the way PEFT matches target_modules ("q_proj"
+    matches "model.layers.0.self_attn.q_proj", "gate_up_proj" matches "model.layers.0.mlp.experts.gate_up_proj")."""
+    candidates = linear_module_names(model) + list(expert_parameters(model))
     if targets == ALL_LINEAR:
         return candidates
     if isinstance(targets, str):
@@ -138,20 +136,27 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         chosen.extend(h for h in hits if h not in chosen)
     if unmatched:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise UserError(f"lora.targets: {', '.join(unmatched)} match no linear layer of this model; "
-                        f"its linear layers are: {', '.join(kinds)} (or use all-linear)")
+        raise UserError(f"lora.targets: {', '.join(unmatched)} match no linear layer or expert weight of this model; "
+                        f"its linear layers and expert weights are: {', '.join(kinds)} (or use all-linear)")
     return chosen
 
 
 def apply_lora(model: nn.Module, targets: str | list[str] = ALL_LINEAR, *, r: int = 16, alpha: float = 32,
                dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
-    """Freeze the model and wrap each target linear in a LoRALinear, in place. Returns the wrapped paths."""
+    """Freeze the model and wrap each target linear in a LoRALinear and each target expert weight in an ExpertLoRA
+    (which has no dropout: see expert_lora.py), in place. Returns the wrapped paths."""
     model.requires_grad_(False)
     names = resolve_targets(model, targets)
+    experts = expert_parameters(model)
     for name in names:
-        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        if name in experts:
+            layer = wrap_expert_parameter(model, name, r, alpha, use_rslora)
+        else:
+            layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+            model.set_submodule(name, layer)
         layer.train(model.training)  # a new module is in training mode; follow the model (dropout off in eval)
-        model.set_submodule(name, layer)
+    if any(name in experts for name in names):
+        use_eager_experts(model)
     return names
 
 
@@ -159,10 +164,16 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{path: layer} of every LoRALinear and every ExpertLoRA (under its parameter path)."""
+    return {**lora_modules(model), **expert_lora_modules(model)}
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{<module path>.lora_A: (r, in), <module path>.lora_B: (out, r)} of every LoRA layer."""
+    """{<module path>.lora_A: (r, in), <module path>.lora_B: (out, r)} of every LoRA layer; an expert weight's are
+    PEFT's (r*E, in) and (out, r*E), under its parameter path."""
     state = {}
-    for name, module in lora_modules(model).items():
+    for name, module in lora_layers(model).items():
         state[f"{name}.lora_A"] = module.lora_A
         state[f"{name}.lora_B"] = module.lora_B
     return state

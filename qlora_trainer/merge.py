@@ -35,6 +35,7 @@ from qlora_trainer.base_model import (BaseModel, by_file, checkpoint_files, preq
                                       stream_tensors)
 from qlora_trainer.errors import ArgumentError, UserError
 from qlora_trainer.expert_layout import CheckpointLayout, ExpertGroup, NotDequantizable
+from qlora_trainer.expert_lora import expert_parameters, expert_update
 from qlora_trainer.experts import expert_parameter_names
 from qlora_trainer.loading import build_empty_model, expected_shapes, is_other_task_head, swap_in_nf4_linears
 from qlora_trainer.merge_experts import ExpertDelta, merged_group, output_order
@@ -155,6 +156,7 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
                             f"do not fit the base weight {entry.key} {entry.shape}: this adapter was trained on a "
                             f"different base than {base.path}")
         entry.lora = (A, B)
+    _attach_expert_updates(model, adapter, layout, entries, base)
     for entry in entries:
         if entry.param is not None and entry.param.endswith(".weight"):
             module_name = entry.param.removesuffix(".weight")
@@ -174,6 +176,28 @@ def _plan(base: BaseModel, adapter: Adapter, task: Task, out_dtype: torch.dtype 
         else:
             entries.append(_Entry(param, None, tuple(tensor.shape), tensor_dtype, param))
     return output_order(entries)
+
+
+def _attach_expert_updates(model, adapter: Adapter, layout: CheckpointLayout, entries: list[_Entry],
+                           base: BaseModel) -> None:
+    """Give the entries of each expert weight the adapter updates their LoRA update (one expert at a time, in the
+    parameter's stored orientation), the factors checked against the weight's shape first."""
+    shapes = expert_parameters(model)
+    adapter_file = adapter.file(ADAPTER_WEIGHTS_FILE)
+    for path, (A, B) in adapter.experts.items():
+        if path not in shapes or path not in layout.groups:
+            raise UserError(f"{adapter_file}: adapter has a LoRA update for the expert weight {path!r}, but the base "
+                            f"model has no such weight: this adapter was trained on a different base than {base.path}")
+        experts, out_features, in_features = shapes[path]
+        if A.shape != (adapter.r * experts, in_features) or B.shape != (out_features, adapter.r * experts):
+            raise UserError(f"{adapter_file}: LoRA shapes for {path!r} (A {tuple(A.shape)}, B {tuple(B.shape)}) do not "
+                            f"fit the base weight's {experts} experts of ({out_features}, {in_features}): this adapter "
+                            f"was trained on a different base than {base.path}")
+        update = expert_update(A, B, adapter.scale, num_experts=experts,
+                               transposed=bool(model.get_submodule(path.rpartition(".")[0]).is_transposed))
+        for entry in entries:
+            if entry.group is not None and entry.group.param == path:
+                entry.expert_delta = update
 
 
 def _layout(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:

@@ -97,6 +97,9 @@ def load_adapters_into(model: nn.Module, adapters: dict[str, str | os.PathLike],
         if adapter.extra:
             raise UserError(f"{folder}: has modules_to_save ({', '.join(sorted(adapter.extra))}), fully trained "
                             "modules that rows cannot share: serve this adapter on its own (--adapter DIR)")
+        if adapter.experts:
+            raise UserError(f"{folder}: has LoRA on expert weights ({len(adapter.experts)}), which several adapters in "
+                            "one batch do not support yet: serve this adapter on its own (--adapter DIR)")
         read[name] = adapter
     routing = AdapterRouting(list(adapters))
     layers: dict[str, MultiLoRALinear] = {}

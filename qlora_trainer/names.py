@@ -5,6 +5,8 @@ Plain Python, no torch at import time, so the CLI's --help, config validation an
 
 from __future__ import annotations
 
+import math
+
 # ------------------------------------------------------------------------------------------ dtypes
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # what users write (model.compute_dtype, --dtype, qlora_trainer.json)
@@ -58,6 +60,15 @@ DATA_FORMATS = ("text", "alpaca", "completion", "chat", "classification")
 ALL_LINEAR = "all-linear"  # every linear layer but the output layer (PEFT's keyword)
 MERGE_INTO = ("dequantized", "original")  # what merge adds the update to: the NF4-rounded or the original weights
 NF4_BLOCKSIZE = 64  # values per NF4 block; bitsandbytes' CPU kernels need in_features to be a multiple
+# The 3-D expert parameters of transformers 5's MoE modules that LoRA may target (PEFT's target_parameters), in the
+# order those modules register them, which is the order PEFT nests its wrappers in (see expert_lora.py).
+EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """LoRA's update scale: alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's rule)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
 
 # ------------------------------------------------------------------------------------------ files
 

@@ -8,6 +8,9 @@
 so the SVD of an (out, in) update costs two thin QRs and one r x r SVD, and dW itself is never formed. All of it
 runs in fp64 on the CPU: the factors are small, and sigma_r of a nearly rank-deficient update needs the digits.
 
+An expert weight's LoRA (expert_lora.py) is one such update per expert, scale * B_e @ A_e: each expert gets its own
+spectrum (its own row in `inspect`), and counts as one module in the verdict.
+
 Energy is the sum of squared singular values (= ||dW||_F^2); "the rank that holds 90%" is the smallest k whose
 top-k singular values hold 90% of it. By Eckart-Young the best rank-k approximation keeps the top k triplets, and
 its relative Frobenius error is sqrt(sum of the discarded sigma^2) / ||dW||_F.
@@ -23,7 +26,8 @@ import torch
 from torch import nn
 
 from qlora_trainer.errors import ArgumentError
-from qlora_trainer.lora import lora_modules, lora_scale
+from qlora_trainer.expert_lora import ExpertLoRA, per_expert_factors
+from qlora_trainer.lora import lora_layers, lora_scale
 from qlora_trainer.peft_layout import Adapter, Factors
 
 ENERGY_LEVELS = (0.90, 0.99)  # the table's two energy ranks: r90 and r99
@@ -31,8 +35,8 @@ ENERGY_LEVELS = (0.90, 0.99)  # the table's two energy ranks: r90 and r99
 # least VERDICT_SHARE of the modules, rounded up to a power of two, is the r that would likely do.
 VERDICT_ENERGY = ENERGY_LEVELS[0]
 VERDICT_SHARE = 0.95
-KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-              "c_attn", "c_proj", "c_fc")  # LLaMA family, then GPT-2; anything else sorts after, by name
+KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj",
+              "c_attn", "c_proj", "c_fc")  # LLaMA family (and MoE experts), then GPT-2; anything else sorts after
 
 
 # ------------------------------------------------------------------------------------------ the maths
@@ -61,14 +65,20 @@ def energy_rank(sigma: torch.Tensor, fraction: float) -> int:
 
 @dataclass
 class ModuleSpectrum:
-    name: str  # module path, e.g. model.layers.3.self_attn.q_proj
+    name: str  # module path, e.g. model.layers.3.self_attn.q_proj, or an expert weight's (...mlp.experts.down_proj)
     sigma: torch.Tensor  # (k,) fp64, descending
     r: int
     base_norm: float | None = None  # ||W||_F of the dequantized base weight, with --base
+    expert: int | None = None  # which expert of an expert weight this update is
 
     @property
     def kind(self) -> str:
         return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def label(self) -> str:
+        """The kind, and for an expert weight its expert: down_proj[3]."""
+        return self.kind if self.expert is None else f"{self.kind}[{self.expert}]"
 
     @property
     def layer(self) -> int | None:
@@ -101,23 +111,32 @@ class ModuleSpectrum:
         return None if self.base_norm is None else self.norm / self.base_norm
 
 
-def spectra(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, r: int) -> list[ModuleSpectrum]:
-    """One ModuleSpectrum per module of {module path: (A (r, in), B (out, r))}, in table order."""
+def spectra(weights: Factors, scale: float, r: int, experts: Factors | None = None) -> list[ModuleSpectrum]:
+    """One ModuleSpectrum per module of {module path: (A (r, in), B (out, r))} and per expert of each expert weight
+    of {path: (A (r*E, in), B (out, r*E))}, in table order."""
     found = [ModuleSpectrum(name, factored_svd(A, B, scale)[1], r) for name, (A, B) in weights.items()]
+    for name, (A, B) in (experts or {}).items():
+        A_e, B_e = per_expert_factors(A, B, A.shape[0] // r)
+        found += [ModuleSpectrum(name, factored_svd(A_e[e], B_e[e], scale)[1], r, expert=e) for e in range(len(A_e))]
     return sorted(found, key=table_key)
 
 
 def model_spectra(model: nn.Module) -> list[ModuleSpectrum]:
-    """The spectra of a model's LoRA layers (after training, before or without saving)."""
-    layers = lora_modules(model)
-    return sorted((ModuleSpectrum(name, factored_svd(layer.lora_A, layer.lora_B, layer.scale)[1], layer.r)
-                   for name, layer in layers.items()), key=table_key)
+    """The spectra of a model's LoRA layers (after training, before or without saving), one per expert of each
+    expert weight."""
+    found = []
+    for name, layer in lora_layers(model).items():
+        factors = {name: (layer.lora_A, layer.lora_B)}
+        experts = isinstance(layer, ExpertLoRA)
+        found += spectra({} if experts else factors, layer.scale, layer.r, factors if experts else None)
+    return sorted(found, key=table_key)
 
 
 def table_key(spectrum: ModuleSpectrum):
     kind = spectrum.kind
     rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
-    return rank, kind, -1 if spectrum.layer is None else spectrum.layer, spectrum.name
+    expert = -1 if spectrum.expert is None else spectrum.expert
+    return rank, kind, -1 if spectrum.layer is None else spectrum.layer, spectrum.name, expert
 
 
 def _next_power_of_two(k: int) -> int:
@@ -169,14 +188,37 @@ def truncate(adapter: Adapter, rank: int) -> tuple[Factors, dict[str, float], fl
     new_scale = lora_scale(rank, adapter.alpha, adapter.use_rslora)
     truncated, errors = {}, {}
     for name, (A, B) in adapter.weights.items():
-        U, S, Vh = factored_svd(A, B, adapter.scale)
-        total = float(S.norm())
-        errors[name] = float(S[rank:].norm()) / total if total > 0 else 0.0
-        k = min(rank, len(S))
-        root = (S[:k] / new_scale).sqrt()  # (k,)
-        new_B = torch.zeros(B.shape[0], rank, dtype=torch.float64)
-        new_A = torch.zeros(rank, A.shape[1], dtype=torch.float64)
-        new_B[:, :k] = U[:, :k] * root  # (out, k)
-        new_A[:k] = root[:, None] * Vh[:k]  # (k, in)
-        truncated[name] = (new_A.float().contiguous(), new_B.float().contiguous())
+        *truncated[name], errors[name] = _truncated(A, B, adapter.scale, rank, new_scale)
     return truncated, errors, new_scale
+
+
+def truncate_experts(adapter: Adapter, rank: int) -> tuple[Factors, dict[str, float]]:
+    """truncate for the expert weights: each expert's update on its own, the factors stacked back in PEFT's
+    interleaving (A (rank*E, in), B (out, rank*E)); the errors keyed "<path>[e]"."""
+    new_scale = lora_scale(rank, adapter.alpha, adapter.use_rslora)
+    truncated, errors = {}, {}
+    for name, (A, B) in adapter.experts.items():
+        experts = A.shape[0] // adapter.r
+        new_A, new_B = [], []
+        for e, (A_e, B_e) in enumerate(zip(*per_expert_factors(A, B, experts))):
+            a, b, errors[f"{name}[{e}]"] = _truncated(A_e, B_e, adapter.scale, rank, new_scale)
+            new_A.append(a)
+            new_B.append(b)
+        # row e*rank + k of A and column k*E + e of B belong to expert e (expert_lora.py)
+        truncated[name] = (torch.cat(new_A), torch.stack(new_B, dim=-1).reshape(B.shape[0], rank * experts))
+    return truncated, errors
+
+
+def _truncated(A: torch.Tensor, B: torch.Tensor, scale: float, rank: int,
+               new_scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A (rank, in), B (out, rank), relative Frobenius error): the best rank-`rank` approximation of scale * B @ A."""
+    U, S, Vh = factored_svd(A, B, scale)
+    total = float(S.norm())
+    k = min(rank, len(S))
+    root = (S[:k] / new_scale).sqrt()  # (k,)
+    new_B = torch.zeros(B.shape[0], rank, dtype=torch.float64)
+    new_A = torch.zeros(rank, A.shape[1], dtype=torch.float64)
+    new_B[:, :k] = U[:, :k] * root  # (out, k)
+    new_A[:k] = root[:, None] * Vh[:k]  # (k, in)
+    error = float(S[rank:].norm()) / total if total > 0 else 0.0
+    return new_A.float().contiguous(), new_B.float().contiguous(), error

@@ -31,8 +31,9 @@ from qlora_trainer.base_model import resolve_base
 from qlora_trainer.config import RunConfig, config_to_dict, save_config
 from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
 from qlora_trainer.errors import UserError
+from qlora_trainer.expert_lora import expert_lora_modules
 from qlora_trainer.loading import load_quantized
-from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict, trainable_parameter_summary
+from qlora_trainer.lora import apply_lora, lora_layers, lora_state_dict, trainable_parameter_summary
 from qlora_trainer.names import ADAPTER_DIR, CHECKPOINTS_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
 from qlora_trainer.progress import bars, phase, say, training_line
 from qlora_trainer.quant import make_optimizer
@@ -227,6 +228,8 @@ class Run:
         lora = self.cfg.lora
         apply_lora(self.model, lora.targets, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                    use_rslora=lora.use_rslora)
+        if lora.dropout and expert_lora_modules(self.model):
+            self.log(f"lora.dropout {lora.dropout:g}: on the linear layers only (expert weights have none, as in PEFT)")
 
     def _make_optimizer(self) -> None:
         train_cfg = self.train_cfg
@@ -242,7 +245,7 @@ class Run:
             return
         folder, state = found
         adapter = read_adapter(folder)
-        if set(adapter.weights) != set(lora_modules(self.model)):
+        if set(adapter.weights) | set(adapter.experts) != set(lora_layers(self.model)):
             raise UserError(f"{folder}: its LoRA modules differ from this config's lora.targets: resume with the "
                             f"config in {self.out / RUN_CONFIG_FILE}")
         copy_weights_into(self.model, adapter)  # LoRA and a classifier's head (modules_to_save)

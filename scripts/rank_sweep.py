@@ -37,7 +37,7 @@ def run_rank(cfg, rank: int, out: Path, log) -> dict:
     result = train(cfg, progress=False, log=lambda *_: None)
     seconds = time.perf_counter() - start
     adapter = read_adapter(result.adapter)
-    found = spectra(adapter.weights, adapter.scale, adapter.r)
+    found = spectra(adapter.weights, adapter.scale, adapter.r, adapter.experts)
     energy = sum(s.rank90 for s in found) / len(found)
     row = {"rank": rank, "trainable": result.trainable_params, "total": result.total_params,
            "seconds": round(seconds, 1), "energy_rank90": round(energy, 2), **result.eval_metrics}

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from qlora_trainer.adapter import load_adapter_into
+from qlora_trainer.adapter import load_adapter_into, save_adapter
 from qlora_trainer.expert_layout import looks_per_expert
+from qlora_trainer.expert_lora import expert_lora_modules
 from qlora_trainer.loading import load_quantized
+from qlora_trainer.lora import apply_lora, lora_layers
 from qlora_trainer.merge import merge
 from qlora_trainer.verify import verify
 from tests.helpers import logits_of, random_ids, write_peft_adapter
@@ -121,3 +123,29 @@ def test_a_base_stored_in_mxfp4_merges_into_full_precision_experts(tiny_moe, ada
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = random_ids(ours.config.vocab_size, length=16)
     torch.testing.assert_close(logits_of(plain, ids), logits_of(ours, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2"])
+def test_expert_lora_merges_into_a_per_expert_checkpoint(bases, name, tmp_path):
+    """LoRA on every expert weight (all-linear) over a per-expert checkpoint: each expert's update lands in its own
+    per-expert tensors, and plain transformers' load of the merged folder gives the logits of our NF4 model + adapter."""
+    base = bases[name]
+    ours = load_quantized(base, compute_dtype="fp32", device="cpu", progress=False)
+    apply_lora(ours, "all-linear", r=2, alpha=4)
+    assert expert_lora_modules(ours)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(ours).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    adapter = save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(base))
+    out = merge(base, adapter, tmp_path / "merged", dtype="fp32", compute_dtype="fp32", progress=False)
+    source, merged = _tensors(base), _tensors(out)
+    assert set(merged) == set(source) and any(looks_per_expert(key) for key in merged)
+    ids = random_ids(ours.config.vocab_size, length=16)
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    expected = logits_of(ours.eval(), ids)
+    torch.testing.assert_close(logits_of(plain, ids), expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the experts' updates matter: without them our logits move
+        for layer in expert_lora_modules(ours).values():
+            layer.lora_B.zero_()
+    assert (logits_of(ours, ids) - expected).abs().max() > 1e-3

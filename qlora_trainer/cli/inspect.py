@@ -34,13 +34,15 @@ def run(args: argparse.Namespace) -> int:
     if (args.truncate_rank is None) != (args.out is None):
         raise UserError("--truncate-rank K and --out DIR go together: give both to write a truncated adapter")
     adapter = read_adapter(args.adapter)
-    found = spectra(adapter.weights, adapter.scale, adapter.r)
+    found = spectra(adapter.weights, adapter.scale, adapter.r, adapter.experts)
     if args.base is not None:
         from qlora_trainer import progress
 
         attach_base_norms(found, adapter, args.base, device=args.device, progress=progress.bars())
-    print(f"{adapter.path}: {len(found)} LoRA modules, r={adapter.r}, lora_alpha={adapter.alpha:g}, "
-          f"scale={adapter.scale:g}")
+    per_expert = sum(s.expert is not None for s in found)
+    experts = f" and {len(adapter.experts)} expert weights ({per_expert} experts)" if adapter.experts else ""
+    print(f"{adapter.path}: {len(found) - per_expert} LoRA modules{experts}, r={adapter.r}, "
+          f"lora_alpha={adapter.alpha:g}, scale={adapter.scale:g}")
     print(table(found))
     print(verdict(found))
     if args.plot is not None:
