@@ -270,6 +270,14 @@ def check_chat_template(data_cfg: DataConfig, tokenizer) -> None:
                         f"chat template: use a tokenizer with a chat_template, or format alpaca / completion / text")
 
 
+def tokenizing_detail(stats: DataStats) -> str:
+    """'1000 rows at 5400 rows/s, cache written to PATH' or '1000 rows, cache reused from PATH'."""
+    if stats.cache_reused:
+        return f"{stats.rows} rows, cache reused from {stats.cache}"
+    rate = stats.rows / max(stats.build_seconds, 1e-9)
+    return f"{stats.rows} rows at {rate:.0f} rows/s, cache written to {stats.cache}"
+
+
 def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = None,
                    progress: bool = False):
     """-> (train_examples, eval_examples, stats): sequences of dicts read by index from memory-mapped Arrow

@@ -29,7 +29,8 @@ from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.adapter import copy_weights_into, read_adapter, save_adapter, write_model_adapter
 from qlora_trainer.base_model import resolve_base
 from qlora_trainer.config import RunConfig, config_to_dict, save_config
-from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
+from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id, tokenizing_detail
+from qlora_trainer.data_stream import streaming_datasets
 from qlora_trainer.errors import UserError
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict, trainable_parameter_summary
@@ -156,12 +157,18 @@ class Run:
         cfg = self.cfg
         self.base = resolve_base(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         self.tokenizer = load_tokenizer(self.base)
+        self.pad_id = pad_token_id(self.tokenizer)
+        if cfg.data.streaming:
+            self.train_examples, self.eval_examples, self.stats = streaming_datasets(cfg.data, self.tokenizer,
+                                                                                     self.progress, self.log)
+            self.labels = None
+            return
         with phase(f"tokenizing {cfg.data.path}", self.log) as tokenizing:
             self.train_examples, self.eval_examples, self.stats = build_datasets(cfg.data, self.tokenizer,
-                                                                                 cfg.train.seed, cfg.model.num_labels)
-            tokenizing["detail"] = f"{self.stats.rows} rows"
+                                                                                 cfg.train.seed, cfg.model.num_labels,
+                                                                                 progress=self.progress)
+            tokenizing["detail"] = tokenizing_detail(self.stats)
         self.labels = self.task.head_labels(cfg.model.num_labels, self.stats)
-        self.pad_id = pad_token_id(self.tokenizer)
         self.log(self.stats.summary())
 
     def _plan_steps(self) -> None:
@@ -172,6 +179,9 @@ class Run:
         if train_cfg.epochs is None:
             self.train_cfg, self.stream_end = train_cfg, None
             return
+        if self.cfg.data.streaming:
+            raise UserError("train.epochs needs the number of examples, which data.streaming does not count up "
+                            "front: set train.max_steps instead, or data.streaming=false")
         n = len(self.train_examples)
         self.stream_end = epoch_examples(train_cfg.epochs, n)
         steps = steps_for(self.stream_end, train_cfg.batch_size, train_cfg.grad_accum)
@@ -242,6 +252,11 @@ class Run:
                             f"{self.max_steps} steps: raise train.max_steps to go on, or choose another out to "
                             f"start a new run")
         ckpt.set_rng_state(state["rng"])
+        if self.cfg.data.streaming:
+            if "stream" not in state:
+                raise UserError(f"{folder}: this checkpoint has no stream position (its run did not use "
+                                f"data.streaming): resume with data.streaming=false")
+            self.train_examples.seek(state["stream"])
         self.log(f"resumed from {folder} (step {step})")
         if state.get("max_steps") not in (None, self.max_steps) and step < self.max_steps:
             self.log(f"note: the checkpoint belongs to a run of {state['max_steps']} steps, this one has "
@@ -317,12 +332,21 @@ class Run:
     def step(self, step: int) -> tuple[float, float, bool]:
         """Optimizer step `step` (0-based) on its micro-batches: (loss, grad_norm, ok), as training.train_step."""
         train_cfg = self.train_cfg
-        micro = [to_device(collate([self.train_examples[i] for i in idx], self.pad_id), self.accelerator.device)
-                 for idx in self.batch_indices(step)]
+        micro = [to_device(collate(examples, self.pad_id), self.accelerator.device)
+                 for examples in self._micro_batch_examples(step)]
         self.window_tokens += sum(count_tokens(mb) for mb in micro)
         self.loss, grad_norm, ok = train_step(self.loss_model, micro, self.optimizer, self.params,
                                               lr_at(step, train_cfg), train_cfg.max_grad_norm, self.accelerator)
         return self.loss, grad_norm, ok
+
+    def _micro_batch_examples(self, step: int) -> list[list[dict]]:
+        """The examples of each micro-batch of step `step`: read by index (one Arrow read each), or, streaming,
+        the next ones in the stream."""
+        if self.cfg.data.streaming:
+            size = self.train_cfg.batch_size
+            taken = self.train_examples.next_examples(size * self.train_cfg.grad_accum)
+            return [taken[k:k + size] for k in range(0, len(taken), size)]
+        return [self.train_examples.take(idx) for idx in self.batch_indices(step)]
 
     def batch_indices(self, step: int) -> list[list[int]]:
         """The train example indices of each micro-batch of optimizer step `step` (training.batch_indices)."""
@@ -341,6 +365,8 @@ class Run:
         step's loss and the latest eval, which a resumed run reports)."""
         state = {"rng": ckpt.rng_state(), "skipped_steps": self.skipped, "max_steps": self.max_steps,
                  "loss": self.loss, "eval_metrics": self.eval_metrics}
+        if self.cfg.data.streaming:
+            state["stream"] = self.train_examples.position  # where a resumed run goes on (data_stream.py)
         settings = self._adapter_settings()
         path = ckpt.save_checkpoint(self.out, done, lambda folder: write_model_adapter(self.model, folder, **settings),
                                     self.optimizer, state, self.train_cfg.keep_checkpoints)
