@@ -361,9 +361,12 @@ def render_example(example: dict, tokenizer, open_mark: str = "[[", close_mark: 
 
 
 def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labels: int | None = None,
-            progress: bool = False) -> str:
+            progress: bool = False, timing_from: float | None = None) -> str:
     """A few rendered train examples with trained tokens in [[...]], then the token-length statistics. It builds
-    (or reuses) the cache entry that `train` with the same settings reads."""
+    (or reuses) the cache entry that `train` with the same settings reads. With `timing_from` (a perf_counter
+    value) a last line says how long it took since then, and the cache entry written or reused."""
+    import time
+
     from qlora_trainer.data_arrow import prepare
 
     prepared = prepare(data_cfg, tokenizer, seed, num_labels, progress)
@@ -373,4 +376,6 @@ def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labe
     for i, ex in enumerate(prepared.unpacked_train[:n]):
         parts.append(f"--- example {i + 1} ({len(ex['input_ids'])} tokens) ---\n{render_example(ex, tokenizer)}")
     parts.append("--- statistics ---\n" + prepared.stats.summary())
+    if timing_from is not None:
+        parts.append(f"done in {time.perf_counter() - timing_from:.1f}s: {tokenizing_detail(prepared.stats)}")
     return "\n".join(parts)
