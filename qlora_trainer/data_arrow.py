@@ -96,11 +96,24 @@ def _spans(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]
     return "".join(t for t, _ in segments), spans, starts
 
 
-def _token_ranges(offsets: list, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Token index ranges overlapping the character spans (offsets are in order, so two bisections a span)."""
-    ends = [e for _, e in offsets]
-    starts = [s for s, _ in offsets]
-    return [(bisect.bisect_right(ends, s), bisect.bisect_left(starts, e)) for s, e in spans]
+def _token_ranges(encoding, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token index ranges overlapping the character spans: the first token ending after the span's start to the
+    first starting at or after its end. Offsets are in order, so two binary searches a span, reading single
+    offsets from the Rust encoding (materializing all of them costs more than tokenizing)."""
+    n = len(encoding.ids)
+    offset = encoding.token_to_chars
+
+    def first(test) -> int:  # the first token index for which test(offsets) holds (monotone), else n
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if test(offset(mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    return [(first(lambda o, s=s: o[1] > s), first(lambda o, e=e: o[0] >= e)) for s, e in spans]
 
 
 def _backend_encode(tokenizer, texts: list[str], offsets: bool = True) -> list:
@@ -121,18 +134,17 @@ def _encode_batch(tokenizer, segments_list: list[list[tuple[str, bool]]]) -> lis
     if getattr(tokenizer, "is_fast", False) and segments_list:
         encodings = _backend_encode(tokenizer, [t for t, _, _ in pieces])
         full_ids = [e.ids for e in encodings]
-        full_offsets = [e.offsets for e in encodings]
         checks = [(r, start) for r, (_, _, starts) in enumerate(pieces) for start in starts]
         alone = _backend_encode(tokenizer, [pieces[r][0][:s] for r, s in checks], offsets=False) if checks else []
         unstable = set()
         for (r, start), prompt in zip(checks, alone):
-            full, offsets, prompt = full_ids[r], full_offsets[r], prompt.ids
+            full, prompt = full_ids[r], prompt.ids
             n = len(prompt)
-            if full[:n] != prompt or (n < len(full) and offsets[n][0] < start):
+            if full[:n] != prompt or (n < len(full) and encodings[r].token_to_chars(n)[0] < start):
                 unstable.add(r)
         for r, (_, spans, _) in enumerate(pieces):
             if r not in unstable:
-                out[r] = (full_ids[r], _token_ranges(full_offsets[r], spans))
+                out[r] = (full_ids[r], _token_ranges(encodings[r], spans))
     todo = [r for r, o in enumerate(out) if o is None]  # piece by piece, as data._encode's fallback
     flat = [piece for r in todo for piece, _ in segments_list[r]]
     piece_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
@@ -147,11 +159,12 @@ def _encode_batch(tokenizer, segments_list: list[list[tuple[str, bool]]]) -> lis
     return out
 
 
-def _finish(ids: list[int], ranges: list, text: str, tokenizer, add_bos: bool, max_len: int):
-    """data.tokenize_row's BOS/EOS/first-token/truncation rules on (ids, ranges) -> (ids, labels or None, cut?)."""
-    if add_bos and not text.startswith(tokenizer.bos_token):
-        ids, ranges = [tokenizer.bos_token_id] + ids, [(a + 1, b + 1) for a, b in ranges]
-    eos = tokenizer.eos_token_id
+def _finish(ids: list[int], ranges: list, text: str, specials: tuple, max_len: int):
+    """data.tokenize_row's BOS/EOS/first-token/truncation rules on (ids, ranges) -> (ids, labels or None, cut?).
+    `specials`: (BOS text or None when no BOS is added, BOS id, EOS id)."""
+    bos_text, bos, eos = specials
+    if bos_text is not None and not text.startswith(bos_text):
+        ids, ranges = [bos] + ids, [(a + 1, b + 1) for a, b in ranges]
     if not ids or ids[-1] != eos:
         ids = ids + [eos]
     ranges = ranges + [(len(ids) - 1, len(ids))]  # the final EOS is always trained
@@ -180,8 +193,9 @@ def _causal_batch(rows: list[dict], indices: list[int], cfg: DataConfig, tokeniz
     live = [r for r, s in enumerate(segments_list) if s]
     encoded = _encode_batch(tokenizer, [segments_list[r] for r in live])
     result = [([], None, False)] * len(rows)  # no segments: nothing to train on
+    specials = (tokenizer.bos_token if add_bos else None, tokenizer.bos_token_id, tokenizer.eos_token_id)
     for r, (ids, ranges) in zip(live, encoded):
-        result[r] = _finish(list(ids), ranges, segments_list[r][0][0], tokenizer, add_bos, cfg.max_seq_len)
+        result[r] = _finish(ids, ranges, segments_list[r][0][0], specials, cfg.max_seq_len)
     return result
 
 
