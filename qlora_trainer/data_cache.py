@@ -11,6 +11,7 @@ else `.qlora-cache` beside the data, else (a read-only data folder, a hub id) th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -105,12 +106,20 @@ def cached_entry(root: Path, key: str, build: Callable[[Path], None]) -> tuple[P
     final = root / key
     if (final / DONE_FILE).is_file():
         return final, True
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
     tmp = root / f"{atomic.TMP_PREFIX}{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:  # bad data leaves the user's folder as it was
+            with contextlib.suppress(OSError):
+                root.rmdir()
+        raise
+    try:
         if not (tmp / DONE_FILE).is_file():
             raise RuntimeError(f"cache build for {key} wrote no {DONE_FILE}")
         if final.exists() and not (final / DONE_FILE).is_file():

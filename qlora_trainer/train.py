@@ -167,7 +167,8 @@ class Run:
             self.train_examples, self.eval_examples, self.stats = build_datasets(cfg.data, self.tokenizer,
                                                                                  cfg.train.seed, cfg.model.num_labels,
                                                                                  progress=self.progress)
-            tokenizing["detail"] = tokenizing_detail(self.stats)
+            tokenizing["detail"] = f"{self.stats.rows} rows"
+        self.log(f"tokens: {tokenizing_detail(self.stats)}")
         self.labels = self.task.head_labels(cfg.model.num_labels, self.stats)
         self.log(self.stats.summary())
 

@@ -130,7 +130,7 @@ def test_a_killed_build_leaves_nothing_that_is_trusted(tmp_path, tok, monkeypatc
     monkeypatch.setattr("qlora_trainer.packing.write_packed", killed)
     with pytest.raises(KeyboardInterrupt):
         build_datasets(data_cfg, tok)
-    assert [p.name for p in (tmp_path / "c").iterdir()] == []  # no entry, not even a temporary one
+    assert not (tmp_path / "c").exists()  # no entry, not even a temporary one or the folder made for it
     monkeypatch.undo()
     train, _, stats = build_datasets(data_cfg, tok)
     assert not stats.cache_reused and len(train) == 1 and os.path.dirname(stats.cache) == str(tmp_path / "c")
@@ -222,9 +222,17 @@ def test_a_resumed_streaming_run_ends_with_the_adapter_of_a_straight_run(tmp_pat
 
 
 def test_streaming_refuses_epochs_and_classification(tmp_path, tok):
+    from tests.test_train import _config
+
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}])
     with pytest.raises(UserError, match="data.streaming does not support format classification"):
         StreamingExamples(DataConfig(path=path, format="classification", streaming=True), tok)
+    cfg = _config(tmp_path / "run", tmp_path / "none.jsonl", max_steps=None, epochs=1,
+                  **{"data.streaming": True, "data.eval_path": None})
+    run = train_mod.Run(cfg, progress=False, log=lambda *_: None)
+    run._load_data()  # the tokenizer and the stream: no pass over the rows
+    with pytest.raises(UserError, match="train.epochs needs the number of examples.*set train.max_steps"):
+        run._plan_steps()
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -239,3 +247,12 @@ def test_data_command_prints_its_time_and_fills_the_cache_train_reads(tmp_path, 
     assert out.startswith("done in ") and "rows/s, cache written to " + str(tmp_path / data_cache.CACHE_FOLDER) in out
     assert main(["data", str(config)]) == 0
     assert "cache reused from" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_tokenizing_draws_a_bar_with_rows_per_second_only_when_asked(tmp_path, tok, capfd):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS["text"])
+    build_datasets(DataConfig(path=path, format="text", eval_fraction=0), tok, progress=False)
+    assert capfd.readouterr().err == ""
+    build_datasets(DataConfig(path=path, format="text", eval_fraction=0, max_seq_len=9), tok, progress=True)
+    bar = capfd.readouterr().err
+    assert "tokenizing d.jsonl" in bar and "60/60" in bar and "examples/s" in bar  # an example is a row
