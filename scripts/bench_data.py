@@ -8,7 +8,8 @@
 For each (format, rows, pipeline) it reports:
   cold   seconds from the start of the data phase (tokenizer loaded) to the first step's micro-batches collated,
          with no token cache (new: an empty data.cache_dir);
-  warm   the same again with the cache the cold run wrote (old: it has none, so warm is another cold run);
+  warm   the same again with the cache the cold run wrote (old: it has none, so its warm run is another cold
+         run, measured only with --old-warm);
   rows/s rows / cold;
   peak   the largest peak RSS of the data phase: the process, or its largest tokenizing worker, whichever is
          higher (ru_maxrss of RUSAGE_SELF and RUSAGE_CHILDREN), with the RSS after imports beside it.
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--old-max-rows", type=int, default=100_000, help="run the old pipeline up to this many rows")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--packing", action="store_true")
+    p.add_argument("--old-warm", action="store_true", help="measure the old pipeline's second run too")
     p.add_argument("--work", default="/tmp/qlora-bench-data")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -133,7 +135,8 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
                 load = os.getloadavg()[0]
                 cold = measure(pipeline, fmt, data, cache, old_dir, args)
-                warm = measure(pipeline, fmt, data, cache, old_dir, args)
+                warm = cold if pipeline == "old" and not args.old_warm else measure(pipeline, fmt, data, cache,
+                                                                                     old_dir, args)
                 assert pipeline == "old" or (warm["reused"] and not cold["reused"])
                 result = {"format": fmt, "rows": rows, "pipeline": pipeline, "cold_s": cold["seconds"],
                           "warm_s": warm["seconds"], "rows_per_s": rows / cold["seconds"],
