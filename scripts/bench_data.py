@@ -10,6 +10,8 @@ For each (format, rows, pipeline) it reports:
          with no token cache (new: an empty data.cache_dir);
   warm   the same again with the cache the cold run wrote (old: it has none, so its warm run is another cold
          run, measured only with --old-warm);
+  CPU    user + system seconds of the cold run and its workers: what the cold time would be on one idle core,
+         the figure that does not depend on the load of a shared machine;
   rows/s rows / cold;
   peak   the largest peak RSS of the data phase: the process, or its largest tokenizing worker, whichever is
          higher (ru_maxrss of RUSAGE_SELF and RUSAGE_CHILDREN), with the RSS after imports beside it.
@@ -71,14 +73,21 @@ def child(args) -> None:
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg = DataConfig(path=args.data, format=args.format, max_seq_len=args.max_seq_len, packing=args.packing,
                      **({"cache_dir": args.cache} if args.pipeline == "new" else {}))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     train, _, stats = data.build_datasets(cfg, tokenizer, 0)
     micro = [data.collate([train[i] for i in idx], 0) for idx in batch_indices(0, len(train), 4, 4, 0)]
     seconds = time.perf_counter() - start
     assert len(micro) == 4
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "imports_mb": rss_imports,
+    print(json.dumps({"seconds": seconds, "cpu_s": _cpu_seconds() - cpu_start, "peak_mb": peak / 1024,
+                      "imports_mb": rss_imports,
                       "examples": len(train), "reused": getattr(stats, "cache_reused", False)}))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the tokenizing workers)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def measure(pipeline: str, fmt: str, data: Path, cache: Path, old_dir: Path, args) -> dict:
@@ -139,6 +148,7 @@ def main() -> None:
                                                                                      old_dir, args)
                 assert pipeline == "old" or (warm["reused"] and not cold["reused"])
                 result = {"format": fmt, "rows": rows, "pipeline": pipeline, "cold_s": cold["seconds"],
+                          "cold_cpu_s": cold["cpu_s"],
                           "warm_s": warm["seconds"], "rows_per_s": rows / cold["seconds"],
                           "peak_mb": max(cold["peak_mb"], warm["peak_mb"]), "warm_peak_mb": warm["peak_mb"],
                           "imports_mb": cold["imports_mb"], "load": load}
@@ -146,12 +156,13 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}\n")
-    print("| format | rows | pipeline | cold to first step | warm to first step | rows/s (cold) | peak RSS | "
-          "after imports | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| format | rows | pipeline | cold to first step | CPU time (cold) | warm to first step | rows/s (cold) | "
+          "peak RSS | after imports | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['format']} | {r['rows']:,} | {r['pipeline']} | {r['cold_s']:.1f} s | {r['warm_s']:.1f} s | "
-              f"{r['rows_per_s']:,.0f} | {r['peak_mb']:,.0f} MB | {r['imports_mb']:,.0f} MB | {r['load']:.1f} |")
+        print(f"| {r['format']} | {r['rows']:,} | {r['pipeline']} | {r['cold_s']:.1f} s | {r['cold_cpu_s']:.0f} s | "
+              f"{r['warm_s']:.1f} s | {r['rows_per_s']:,.0f} | {r['peak_mb']:,.0f} MB | {r['imports_mb']:,.0f} MB | "
+              f"{r['load']:.1f} |")
 
 
 if __name__ == "__main__":
