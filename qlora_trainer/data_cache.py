@@ -27,7 +27,7 @@ CACHE_FOLDER = ".qlora-cache"
 CONTENT_HASH_LIMIT = 1 << 30  # bytes: files up to this size are hashed whole
 DONE_FILE = "stats.json"  # written last in an entry
 STALE_TMP_SECONDS = 24 * 3600
-PIPELINE_MODULES = ("data.py", "data_arrow.py", "data_sources.py", "data_cache.py", "packing.py")
+PIPELINE_MODULES = ("data.py", "data_arrow.py", "data_batches.py", "data_sources.py", "data_cache.py", "packing.py")
 
 
 def cache_root(data_path: str, cache_dir: str | None) -> Path:

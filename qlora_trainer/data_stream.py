@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import check_chat_template, uses_bos
-from qlora_trainer.data_arrow import MAP_BATCH, tokenize_batch
+from qlora_trainer.data_arrow import MAP_BATCH
+from qlora_trainer.data_batches import tokenize_batch
 from qlora_trainer.data_sources import stream_rows
 from qlora_trainer.errors import UserError
 from qlora_trainer.names import CLASSIFICATION
