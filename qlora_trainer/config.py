@@ -166,6 +166,9 @@ class DataConfig(_Section):
     eval_fraction: float = 0.05
     eval_path: typing.Optional[str] = None
     train_on_prompt: bool = False
+    cache_dir: typing.Optional[str] = None  # token cache; None: .qlora-cache beside the data
+    num_proc: typing.Optional[int] = None  # tokenizing processes; None: the cores available
+    streaming: bool = False  # read and tokenize rows while training, no full pass first
     _section = "data"
 
     def _check(self):
@@ -173,6 +176,7 @@ class DataConfig(_Section):
         self._choice("format", DATA_FORMATS)
         self._need("max_seq_len", self.max_seq_len >= 8, "at least 8", 2048)
         self._need("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", 0.05)
+        self._need("num_proc", self.num_proc is None or self.num_proc >= 1, "a positive integer (or null)", 2)
 
 
 @dataclass

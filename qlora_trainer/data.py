@@ -16,19 +16,17 @@ attention_mask; its right padding forms a segment of its own that no real token 
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import json
 import logging
 import os
-import random
-import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from qlora_trainer.config import DataConfig
+from qlora_trainer.data_sources import FILE_BUILDERS, load_rows  # noqa: F401 (where rows are read; kept importable here)
 from qlora_trainer.errors import UserError
-from qlora_trainer.jsonl import bad_line
 from qlora_trainer.names import CLASSIFICATION, IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -36,7 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_FIELDS = {  # required fields, and the help shown when one is missing
     "text": (("text",), "text"),
     "alpaca": (("instruction", "output"), "instruction, output[, input]"),
@@ -67,137 +64,28 @@ class DataStats:
     eval_examples: int = 0
     truncated: int = 0           # examples cut to max_seq_len (train + eval)
     dropped: int = 0             # rows dropped because no token was left to train on (train + eval)
-    lengths: list[int] = field(default_factory=list)  # token length of each kept train example
+    lengths: Sequence[int] = field(default_factory=list)  # token length of each kept train example
     trained_tokens: int = 0      # train tokens with a label
     packed_rows: int | None = None  # train rows after packing (None: no packing)
     label_names: list[str] | None = None  # classification: label id -> name
+    cache: str | None = None     # the token cache entry these examples were read from (data_cache.py)
+    cache_reused: bool = False   # True: read from the cache; False: tokenized now and written there
+    build_seconds: float = 0.0   # how long tokenizing took when the entry was built
 
     def summary(self) -> str:
         lines = [f"rows read: {self.rows}; train examples: {self.train_examples}; eval examples: {self.eval_examples}"]
-        if self.lengths:
-            lens = self.lengths
+        if len(self.lengths):
+            lens = np.asarray(self.lengths)
             # A classifier trains on one label per example, not on tokens: its count is the train examples above.
             trained = f"; trained tokens: {self.trained_tokens}" if self.label_names is None else ""
-            lines.append(f"train tokens per example: min {min(lens)}, mean {statistics.fmean(lens):.1f}, "
-                         f"median {statistics.median(lens):g}, max {max(lens)}{trained}")
+            lines.append(f"train tokens per example: min {lens.min()}, mean {lens.mean():.1f}, "
+                         f"median {float(np.median(lens)):g}, max {lens.max()}{trained}")
         lines.append(f"truncated to max_seq_len: {self.truncated}; dropped (nothing left to train on): {self.dropped}")
         if self.packed_rows is not None:
             lines.append(f"packed into {self.packed_rows} rows")
         if self.label_names is not None:
             lines.append(f"labels: {', '.join(f'{i}={n}' for i, n in enumerate(self.label_names))}")
         return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-def _check_utf8(path: str) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, newlines = 0, 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                line = newlines + chunk[: max(err.start, 0)].count(b"\n") + 1
-                raise UserError(f"{path} is not UTF-8 text (bad byte at offset {offset + err.start}, line {line}): "
-                                f"re-save it as UTF-8") from err
-            offset += len(chunk)
-            newlines += chunk.count(b"\n")
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as err:
-            raise UserError(f"{path} is not UTF-8 text (truncated character at the end): re-save it as UTF-8") from err
-
-
-def _find_bad_json(path: str) -> str | None:
-    """Locate the first JSON syntax error (line number) to give a better message than the reader's."""
-    with open(path, encoding="utf-8") as fh:
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(fh, 1):
-                problem = bad_line(path, number, line) if line.strip() else None
-                if problem is not None:
-                    return problem
-            return None
-        try:
-            json.load(fh)
-        except json.JSONDecodeError as err:
-            return f"{path} line {err.lineno}: invalid JSON ({err.msg})"
-    return None
-
-
-def load_rows(path: str):
-    """A local jsonl/json/csv/parquet file, a `save_to_disk` folder, or a hub dataset id already in the local
-    cache (never the network) -> datasets.Dataset."""
-    import datasets
-
-    if os.path.isdir(path):
-        try:
-            ds = datasets.load_from_disk(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise UserError(f"{path} is a folder but not a dataset saved with save_to_disk: "
-                            f"point data.path at a jsonl/json/csv/parquet file or such a folder") from err
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise UserError(f"{path} holds splits {', '.join(ds)} but no 'train' split: save the split you want")
-            ds = ds["train"]
-    elif os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in FILE_BUILDERS:
-            raise UserError(f"{path}: unsupported file type '{ext}': use .jsonl, .json, .csv or .parquet")
-        if not os.access(path, os.R_OK):
-            raise UserError(f"{path} is not readable: check its permissions")
-        if os.path.getsize(path) == 0:
-            raise UserError(f"{path} is empty: it needs at least one row")
-        if ext != ".parquet":
-            _check_utf8(path)
-        try:
-            with _quiet_datasets():
-                ds = datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, split="train")
-        except Exception as err:  # the readers raise many types; the message below keeps the reader's own
-            better = _find_bad_json(path) if FILE_BUILDERS[ext] == "json" else None
-            raise UserError(better or f"{path}: cannot read it as {ext[1:]}: {str(err).splitlines()[0]}") from err
-    elif os.path.splitext(path)[1] or path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise UserError(f"data file {path} not found: check data.path / data.eval_path")
-    else:  # owner/name: a hub dataset id
-        ds = _load_cached_hub_dataset(path)
-    if len(ds) == 0:
-        raise UserError(f"{path} has no rows")
-    return ds
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """No "Generating train split" bar and no logged reader error on stderr: a bad file is reported once, as
-    our UserError (the CLI's one line), and a good one by the statistics we print."""
-    import datasets
-
-    bars_were_on, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-def _load_cached_hub_dataset(name: str):
-    import datasets
-    import huggingface_hub.constants as hub_constants
-
-    from qlora_trainer.base_model import download_command
-
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        return datasets.load_dataset(name, split="train")
-    except Exception as err:  # offline load failures come in many types
-        raise UserError(f"data file {name} not found, and no dataset of that name is in the local cache "
-                        f"(nothing is downloaded at run time): use a local file, or download it first with "
-                        f"`{download_command(name, dataset=True)}`") from err
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 # -------------------------------------------------------------------------------------------- tokenizing
@@ -330,22 +218,27 @@ def _prompt_is_stable(tokenizer, text: str, start: int, full: list[int], offsets
     return full[:n] == list(alone) and (n == len(full) or offsets[n][0] >= start)
 
 
+def label_id(label, label_ids: dict | None) -> int:
+    """A classification row's label -> its id (names through label_ids); RowError for a bad one."""
+    if label is None:
+        raise RowError(f"missing field 'label' (format classification needs {FORMAT_FIELDS[CLASSIFICATION][1]})")
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise RowError(f"field 'label' must be an integer id or a name, got {label!r}")
+    if isinstance(label, int) and label < 0:
+        raise RowError(f"field 'label' must be 0 or more, got {label}")
+    if label_ids is not None and not isinstance(label, str):
+        raise RowError(f"field 'label' is the id {label} but other rows use names: use names or ids throughout")
+    return label_ids[label] if label_ids else label
+
+
 def tokenize_row(row: dict, data_cfg: DataConfig, tokenizer, label_ids: dict | None = None) -> tuple[dict | None, bool]:
     """One row -> (example or None when nothing is left to train on, truncated?). Raises RowError."""
     fmt, max_len = data_cfg.format, data_cfg.max_seq_len
     if fmt == CLASSIFICATION:
-        text, label = _field(row, "text", fmt), row.get("label")
-        if label is None:
-            raise RowError(f"missing field 'label' (format classification needs {FORMAT_FIELDS[fmt][1]})")
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise RowError(f"field 'label' must be an integer id or a name, got {label!r}")
-        if isinstance(label, int) and label < 0:
-            raise RowError(f"field 'label' must be 0 or more, got {label}")
-        if label_ids is not None and not isinstance(label, str):
-            raise RowError(f"field 'label' is the id {label} but other rows use names: use names or ids throughout")
+        text, label = _field(row, "text", fmt), label_id(row.get("label"), label_ids)
         ids = tokenizer(text)["input_ids"]
         truncated = len(ids) > max_len
-        return {"input_ids": ids[:max_len], "labels": label_ids[label] if label_ids else label}, truncated
+        return {"input_ids": ids[:max_len], "labels": label}, truncated
 
     segments = _segments(row, fmt, tokenizer)
     if not segments:
@@ -371,83 +264,29 @@ def tokenize_row(row: dict, data_cfg: DataConfig, tokenizer, label_ids: dict | N
     return {"input_ids": ids, "labels": [t if f else IGNORE_INDEX for t, f in zip(ids, flags)]}, truncated
 
 
-def _label_map(rows_lists) -> dict | None:
-    """Classification labels: names -> ids in sorted order; int ids stay as they are (None)."""
-    labels = {r.get("label") for rows in rows_lists for r in rows if isinstance(r.get("label"), str)}
-    return {name: i for i, name in enumerate(sorted(labels))} if labels else None
-
-
-def _tokenize_all(rows: list[tuple[int, dict]], where: str, data_cfg, tokenizer, stats, label_ids) -> list[dict]:
-    examples = []
-    for number, row in rows:
-        try:
-            example, truncated = tokenize_row(row, data_cfg, tokenizer, label_ids)
-        except RowError as err:
-            raise UserError(f"{where} row {number}: {err}") from err
-        stats.truncated += truncated
-        if example is None:
-            stats.dropped += 1
-        else:
-            examples.append(example)
-    return examples
-
-
-def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = None):
-    """-> (train_examples, eval_examples, stats): lists of dicts in a fixed order (file order; the eval split is a
-    seeded choice of rows), packed when data_cfg.packing. Raises UserError on bad files or rows."""
+def check_chat_template(data_cfg: DataConfig, tokenizer) -> None:
     if data_cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"data.format is chat but the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no "
                         f"chat template: use a tokenizer with a chat_template, or format alpaca / completion / text")
-    stats = DataStats()
-    ds = load_rows(data_cfg.path)
-    rows = list(enumerate(ds, 1))  # (1-based row number, row)
-    stats.rows = len(rows)
-    if data_cfg.eval_path:
-        eval_where = data_cfg.eval_path
-        eval_rows = list(enumerate(load_rows(data_cfg.eval_path), 1))
-        stats.rows += len(eval_rows)
-    else:
-        eval_where = data_cfg.path
-        n_eval = 0
-        if data_cfg.eval_fraction > 0 and len(rows) > 1:
-            n_eval = min(len(rows) - 1, max(1, round(len(rows) * data_cfg.eval_fraction)))
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        chosen = set(order[:n_eval])
-        eval_rows = [r for i, r in enumerate(rows) if i in chosen]
-        rows = [r for i, r in enumerate(rows) if i not in chosen]
 
-    label_ids = None
-    if data_cfg.format == CLASSIFICATION:
-        label_ids = _label_map([[r for _, r in rows], [r for _, r in eval_rows]])
-    train = _tokenize_all(rows, data_cfg.path, data_cfg, tokenizer, stats, label_ids)
-    evals = _tokenize_all(eval_rows, eval_where, data_cfg, tokenizer, stats, label_ids)
-    if not train:
-        raise UserError(f"{data_cfg.path}: no training examples left after dropping {stats.dropped} rows with "
-                        f"nothing to train on (e.g. no assistant message, or the prompt fills max_seq_len "
-                        f"{data_cfg.max_seq_len}): check data.format and data.max_seq_len")
-    if data_cfg.format == CLASSIFICATION:
-        if label_ids is not None:
-            stats.label_names = list(label_ids)
-        else:
-            top = max(e["labels"] for e in train + evals)
-            stats.label_names = [str(i) for i in range(max(top + 1, num_labels or 0))]
-        if num_labels is not None and len(stats.label_names) > num_labels:
-            raise UserError(f"{data_cfg.path} has {len(stats.label_names)} labels but model.num_labels is "
-                            f"{num_labels}: raise model.num_labels or leave it unset")
-    stats.train_examples, stats.eval_examples = len(train), len(evals)
-    stats.lengths = [len(e["input_ids"]) for e in train]
-    if data_cfg.format != CLASSIFICATION:
-        stats.trained_tokens = sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in train)
-    if stats.truncated:
-        logger.warning("%d examples were longer than data.max_seq_len=%d and were truncated (they lose their EOS)",
-                       stats.truncated, data_cfg.max_seq_len)
-    if stats.dropped:
-        logger.warning("%d rows had no tokens left to train on and were dropped", stats.dropped)
-    if data_cfg.packing and data_cfg.format != CLASSIFICATION:
-        train, evals = pack(train, data_cfg.max_seq_len), pack(evals, data_cfg.max_seq_len)
-        stats.packed_rows = len(train)
-    return train, evals, stats
+
+def tokenizing_detail(stats: DataStats) -> str:
+    """'1000 rows at 5400 rows/s, cache written to PATH' or '1000 rows, cache reused from PATH'."""
+    if stats.cache_reused:
+        return f"{stats.rows} rows, cache reused from {stats.cache}"
+    rate = stats.rows / max(stats.build_seconds, 1e-9)
+    return f"{stats.rows} rows at {rate:.0f} rows/s, cache written to {stats.cache}"
+
+
+def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = None,
+                   progress: bool = False):
+    """-> (train_examples, eval_examples, stats): sequences of dicts read by index from memory-mapped Arrow
+    (data_arrow.Examples), in a fixed order (file order; the eval split is a seeded choice of rows), packed when
+    data_cfg.packing, from the token cache when it holds them. Raises UserError on bad files or rows."""
+    from qlora_trainer.data_arrow import prepare  # the batched Arrow form of this module's rules
+
+    prepared = prepare(data_cfg, tokenizer, seed, num_labels, progress)
+    return prepared.train, prepared.eval, prepared.stats
 
 
 # ------------------------------------------------------------------------------------ packing, batches
@@ -521,16 +360,22 @@ def render_example(example: dict, tokenizer, open_mark: str = "[[", close_mark: 
     return "".join(out)
 
 
-def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labels: int | None = None) -> str:
-    """A few rendered train examples with trained tokens in [[...]], then the token-length statistics."""
-    unpacked = DataConfig(**{**data_cfg.__dict__, "packing": False})
-    train, _, stats = build_datasets(unpacked, tokenizer, seed, num_labels)
-    if data_cfg.packing and data_cfg.format != CLASSIFICATION:
-        stats.packed_rows = len(pack(train, data_cfg.max_seq_len))
+def preview(data_cfg: DataConfig, tokenizer, seed: int = 0, n: int = 3, num_labels: int | None = None,
+            progress: bool = False, timing_from: float | None = None) -> str:
+    """A few rendered train examples with trained tokens in [[...]], then the token-length statistics. It builds
+    (or reuses) the cache entry that `train` with the same settings reads. With `timing_from` (a perf_counter
+    value) a last line says how long it took since then, and the cache entry written or reused."""
+    import time
+
+    from qlora_trainer.data_arrow import prepare
+
+    prepared = prepare(data_cfg, tokenizer, seed, num_labels, progress)
     shown = ("each text is followed by its label id" if data_cfg.format == CLASSIFICATION
              else "trained tokens are shown in [[...]]")
     parts = [f"data: {data_cfg.path} (format {data_cfg.format}, max_seq_len {data_cfg.max_seq_len}); {shown}"]
-    for i, ex in enumerate(train[:n]):
+    for i, ex in enumerate(prepared.unpacked_train[:n]):
         parts.append(f"--- example {i + 1} ({len(ex['input_ids'])} tokens) ---\n{render_example(ex, tokenizer)}")
-    parts.append("--- statistics ---\n" + stats.summary())
+    parts.append("--- statistics ---\n" + prepared.stats.summary())
+    if timing_from is not None:
+        parts.append(f"done in {time.perf_counter() - timing_from:.1f}s: {tokenizing_detail(prepared.stats)}")
     return "\n".join(parts)

@@ -29,7 +29,8 @@ from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.adapter import copy_weights_into, read_adapter, save_adapter, write_model_adapter
 from qlora_trainer.base_model import resolve_base
 from qlora_trainer.config import RunConfig, config_to_dict, save_config
-from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
+from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id, tokenizing_detail
+from qlora_trainer.data_stream import streaming_datasets
 from qlora_trainer.errors import UserError
 from qlora_trainer.expert_lora import expert_lora_modules
 from qlora_trainer.loading import load_quantized
@@ -141,6 +142,9 @@ class Run:
     # ------------------------------------------------------------------ setup
     def setup(self, run_lock: lock.RunLock | None = None) -> Run:
         distributed.check_batch(self.cfg.train.batch_size, self.world, resuming=self.cfg.resume)
+        if self.cfg.data.streaming and self.world.distributed:  # one stream, read in order by one process
+            raise UserError(f"data.streaming reads its rows in one order on one process, and this run has "
+                            f"{self.world.size}: set data.streaming=false (the token cache serves every rank)")
         self._load_data()
         self._plan_steps()
         self._load_model()
@@ -164,12 +168,19 @@ class Run:
         cfg = self.cfg
         self.base = resolve_base(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         self.tokenizer = load_tokenizer(self.base)
+        self.pad_id = pad_token_id(self.tokenizer)
+        if cfg.data.streaming:
+            self.train_examples, self.eval_examples, self.stats = streaming_datasets(cfg.data, self.tokenizer,
+                                                                                     self.progress, self.log)
+            self.labels = None
+            return
         with phase(f"tokenizing {cfg.data.path}", self.log) as tokenizing:
             self.train_examples, self.eval_examples, self.stats = build_datasets(cfg.data, self.tokenizer,
-                                                                                 cfg.train.seed, cfg.model.num_labels)
+                                                                                 cfg.train.seed, cfg.model.num_labels,
+                                                                                 progress=self.progress)
             tokenizing["detail"] = f"{self.stats.rows} rows"
+        self.log(f"tokens: {tokenizing_detail(self.stats)}")
         self.labels = self.task.head_labels(cfg.model.num_labels, self.stats)
-        self.pad_id = pad_token_id(self.tokenizer)
         self.log(self.stats.summary())
 
     def _plan_steps(self) -> None:
@@ -180,6 +191,9 @@ class Run:
         if train_cfg.epochs is None:
             self.train_cfg, self.stream_end = train_cfg, None
             return
+        if self.cfg.data.streaming:
+            raise UserError("train.epochs needs the number of examples, which data.streaming does not count up "
+                            "front: set train.max_steps instead, or data.streaming=false")
         n = len(self.train_examples)
         self.stream_end = epoch_examples(train_cfg.epochs, n)
         steps = steps_for(self.stream_end, train_cfg.batch_size, train_cfg.grad_accum)
@@ -256,6 +270,11 @@ class Run:
                             f"{self.max_steps} steps: raise train.max_steps to go on, or choose another out to "
                             f"start a new run")
         distributed.restore_rng(state, self.world, self.cfg.train.seed, step, self.log)
+        if self.cfg.data.streaming:
+            if "stream" not in state:
+                raise UserError(f"{folder}: this checkpoint has no stream position (its run did not use "
+                                f"data.streaming): resume with data.streaming=false")
+            self.train_examples.seek(state["stream"])
         self.log(f"resumed from {folder} (step {step})")
         if state.get("max_steps") not in (None, self.max_steps) and step < self.max_steps:
             self.log(f"note: the checkpoint belongs to a run of {state['max_steps']} steps, this one has "
@@ -331,9 +350,8 @@ class Run:
     def step(self, step: int) -> tuple[float, float, bool]:
         """Optimizer step `step` (0-based) on its micro-batches: (loss, grad_norm, ok), as training.train_step."""
         train_cfg = self.train_cfg
-        shares = distributed.rank_share(self.batch_indices(step), train_cfg.batch_size, self.world)
-        micro = [to_device(collate([self.train_examples[i] for i in idx], self.pad_id), self.accelerator.device)
-                 for idx, _ in shares]
+        shares = self._micro_batches(step)
+        micro = [to_device(collate(examples, self.pad_id), self.accelerator.device) for examples, _ in shares]
         weights = [w for _, w in shares]
         self.window_tokens += int(self.world.sum([sum(w * count_tokens(mb) for mb, w in zip(micro, weights))],
                                                  "counting the step's input tokens")[0])
@@ -341,6 +359,17 @@ class Run:
                                               lr_at(step, train_cfg), train_cfg.max_grad_norm, self.accelerator,
                                               self.world, weights)
         return self.loss, grad_norm, ok
+
+    def _micro_batches(self, step: int) -> list[tuple[list[dict], float]]:
+        """(examples, weight) of each of this process's micro-batches of step `step`: its share of each global
+        micro-batch read by index (one Arrow read each; distributed.rank_share), or, streaming (one process), the
+        next examples in the stream."""
+        if self.cfg.data.streaming:
+            size = self.train_cfg.batch_size
+            taken = self.train_examples.next_examples(size * self.train_cfg.grad_accum)
+            return [(taken[k:k + size], 1.0) for k in range(0, len(taken), size)]
+        shares = distributed.rank_share(self.batch_indices(step), self.train_cfg.batch_size, self.world)
+        return [(self.train_examples.take(idx), weight) for idx, weight in shares]
 
     def batch_indices(self, step: int) -> list[list[int]]:
         """The train example indices of each micro-batch of optimizer step `step` (training.batch_indices)."""
@@ -359,6 +388,8 @@ class Run:
         step's loss and the latest eval, which a resumed run reports)."""
         state = {**distributed.rng_states(self.world), "skipped_steps": self.skipped, "max_steps": self.max_steps,
                  "loss": self.loss, "eval_metrics": self.eval_metrics}
+        if self.cfg.data.streaming:
+            state["stream"] = self.train_examples.position  # where a resumed run goes on (data_stream.py)
         settings = self._adapter_settings()
         self.world.main_does(f"writing the step-{done} checkpoint", lambda: ckpt.save_checkpoint(
             self.out, done, lambda folder: write_model_adapter(self.model, folder, **settings), self.optimizer,

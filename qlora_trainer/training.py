@@ -51,7 +51,7 @@ def batch_indices(step: int, n_examples: int, batch_size: int, grad_accum: int, 
     flat = []
     for i in range(step * per_step, end):
         epoch, pos = divmod(i, n_examples)
-        flat.append(_permutation(n_examples, seed, epoch)[pos])
+        flat.append(int(_permutation(n_examples, seed, epoch)[pos]))
     return [flat[k:k + batch_size] for k in range(0, len(flat), batch_size)]
 
 
@@ -66,9 +66,10 @@ def steps_for(examples: int, batch_size: int, grad_accum: int) -> int:
 
 
 @functools.lru_cache(maxsize=4)  # a step spans at most two epochs; a few entries cover runs side by side
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A numpy array, not a list: 8 bytes an example instead of a Python int's 36 (a million examples: 8 MB)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    return torch.randperm(n, generator=generator).numpy()
 
 
 def enable_checkpointing(model) -> None:
