@@ -31,9 +31,11 @@ from qlora_trainer.base_model import resolve_base
 from qlora_trainer.config import RunConfig, config_to_dict, save_config
 from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_token_id
 from qlora_trainer.errors import UserError
+from qlora_trainer.host_memory import HostMemory
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_modules, lora_state_dict, trainable_parameter_summary
-from qlora_trainer.names import ADAPTER_DIR, CHECKPOINTS_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
+from qlora_trainer.names import (ADAPTER_DIR, CHECKPOINTS_DIR, HOST_MEMORY_FILE, LOSS_PLOT_FILE, METRICS_FILE,
+                                 RUN_CONFIG_FILE)
 from qlora_trainer.progress import bars, phase, say, training_line
 from qlora_trainer.quant import make_optimizer
 from qlora_trainer.spectrum import model_spectra, verdict
@@ -129,6 +131,7 @@ class Run:
         trackers.check_installed(cfg.train.trackers)  # before anything heavy loads
         self.accelerator = None
         self.tracking = False  # train.report_to's trackers started (accelerator.init_trackers)
+        self.memory = HostMemory(log)  # host memory by phase; this ends the "imports" phase
 
     @property
     def max_steps(self) -> int:
@@ -137,6 +140,7 @@ class Run:
     # ------------------------------------------------------------------ setup
     def setup(self, run_lock: lock.RunLock | None = None) -> Run:
         self._load_data()
+        self._memory_phase("data")
         self._plan_steps()
         self._load_model()
         self._make_optimizer()
@@ -144,6 +148,7 @@ class Run:
             run_lock.acquire()  # creates `out`; refuses if another run holds it
         if self.cfg.resume:
             self._resume()  # before config.yaml: a refused resume leaves the run's files as they were
+        self._memory_phase("model load")
         save_config(self.cfg, self.out / RUN_CONFIG_FILE)
         self.history = read_metrics(self.out, up_to=self.start_step)
         write_metrics(self.out, self.history)
@@ -287,6 +292,10 @@ class Run:
                 if self.stop is not None and self.stop.requested:
                     self._interrupt(step)
                 bad_in_a_row, recent = self._one_step(step, bad_in_a_row, recent, bar)
+                if step == self.start_step:
+                    self._memory_phase("first step")
+            if train_cfg.max_steps > self.start_step + 1:
+                self._memory_phase("steady state")
         finally:
             if self.stop is not None:
                 self.stop.training = False
@@ -354,6 +363,7 @@ class Run:
         self.end_trackers()
         self.log(f"adapter: {verdict(model_spectra(self.model))}; "
                  f"details: qlora-trainer inspect {self.out / ADAPTER_DIR}")
+        self._memory_phase("save")
         return TrainResult(self.out, self.max_steps, self.loss, self.eval_metrics.get("eval_loss"),
                            self.skipped, self.history, self.eval_metrics, self.trainable_params, self.total_params,
                            resumed_from=self.start_step)
@@ -409,6 +419,12 @@ class Run:
             rate = (now - self.fit_start) / max(done - self.start_step, 1)  # seconds a step in this process
             self.log(training_line(done, self.max_steps, fields, rate * (self.max_steps - done)))
         self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def _memory_phase(self, name: str) -> None:
+        """End a phase of host_memory's log, and keep the phases so far in OUT/host_memory.json once OUT exists."""
+        self.memory.end_phase(name)
+        if self.out.is_dir():
+            self.memory.write(self.out / HOST_MEMORY_FILE)
 
     def _adapter_settings(self) -> dict:
         return dict(base_model_name_or_path=str(self.cfg.model.path), **self.task.adapter_settings(self.model))
