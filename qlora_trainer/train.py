@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from qlora_trainer import atomic, lock, tasks, trackers
+from qlora_trainer import atomic, libc, lock, tasks, trackers
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.adapter import copy_weights_into, read_adapter, save_adapter, write_model_adapter
 from qlora_trainer.base_model import resolve_base
@@ -46,6 +46,7 @@ from qlora_trainer.training import (append_metric, batch_indices, count_tokens, 
 
 SPIKE_FACTOR = 3.0  # a loss this many times the recent average is reported as a spike
 SPIKE_WINDOW = 20  # steps in that average
+MMAP_THRESHOLD = 1 << 20  # host allocations this large are mapped on their own and unmapped when freed (libc.py)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def setup(self, run_lock: lock.RunLock | None = None) -> Run:
+        libc.set_mmap_threshold(MMAP_THRESHOLD)  # a CPU step's freed weight-sized temporaries go back to the OS
         self._load_data()
         self._memory_phase("data")
         self._plan_steps()
@@ -421,7 +423,9 @@ class Run:
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def _memory_phase(self, name: str) -> None:
-        """End a phase of host_memory's log, and keep the phases so far in OUT/host_memory.json once OUT exists."""
+        """End a phase of host_memory's log, and keep the phases so far in OUT/host_memory.json once OUT exists. The
+        heap's free blocks go back to the OS first (malloc_trim): the next phase starts from what is really held."""
+        libc.malloc_trim()
         self.memory.end_phase(name)
         if self.out.is_dir():
             self.memory.write(self.out / HOST_MEMORY_FILE)
