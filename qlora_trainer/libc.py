@@ -1,4 +1,4 @@
-"""The C library, loaded once, for the two calls Python does not offer: malloc_trim and renameat2."""
+"""The C library, loaded once, for the calls Python does not offer: malloc_trim, mallopt and renameat2."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import functools
 import os
 
 _RENAME_EXCHANGE = 2
+_M_MMAP_THRESHOLD = -3  # mallopt: allocations at least this large get their own mmap, unmapped again on free
 _AT_FDCWD = -100
 
 
@@ -26,6 +27,19 @@ def malloc_trim() -> None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Serve every allocation of `nbytes` or more with its own mmap, returned to the OS when freed (glibc mallopt
+    M_MMAP_THRESHOLD). glibc's default threshold moves: each freed mmapped block raises it to that block's size (up to
+    32 MiB), after which blocks that large come from the heap, whose free space is kept for reuse. In training on the
+    CPU every 4-bit linear dequantizes its weight (megabytes) in each forward and backward: with the moving threshold
+    those blocks pile up in the heap and a step's peak grows by hundreds of MiB of freed memory (see
+    host_memory.py). A fixed threshold also stops the moving. False where the C library has no mallopt (not glibc)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 
 def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:

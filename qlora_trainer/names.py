@@ -81,5 +81,6 @@ ADAPTER_RECORD_FILE = "qlora_trainer.json"  # ours, beside PEFT's files: base fi
 RUN_CONFIG_FILE = "config.yaml"  # OUT/config.yaml: the fully resolved config of a run
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
+HOST_MEMORY_FILE = "host_memory.json"  # OUT/host_memory.json: peak host memory of each phase of the run
 ADAPTER_DIR = "adapter"  # OUT/adapter
 CHECKPOINTS_DIR = "checkpoints"  # OUT/checkpoints/step-NNNNNN

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from qlora_trainer import atomic, distributed, lock, tasks, trackers
+from qlora_trainer import atomic, distributed, libc, lock, tasks, trackers
 from qlora_trainer import checkpoint as ckpt
 from qlora_trainer.adapter import copy_weights_into, read_adapter, save_adapter, write_model_adapter
 from qlora_trainer.base_model import resolve_base
@@ -33,9 +33,11 @@ from qlora_trainer.data import build_datasets, collate, load_tokenizer, pad_toke
 from qlora_trainer.data_stream import streaming_datasets
 from qlora_trainer.errors import UserError
 from qlora_trainer.expert_lora import expert_lora_modules
+from qlora_trainer.host_memory import HostMemory
 from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_layers, lora_state_dict, trainable_parameter_summary
-from qlora_trainer.names import ADAPTER_DIR, CHECKPOINTS_DIR, LOSS_PLOT_FILE, METRICS_FILE, RUN_CONFIG_FILE
+from qlora_trainer.names import (ADAPTER_DIR, CHECKPOINTS_DIR, HOST_MEMORY_FILE, LOSS_PLOT_FILE, METRICS_FILE,
+                                 RUN_CONFIG_FILE)
 from qlora_trainer.progress import bars, phase, say, training_line
 from qlora_trainer.quant import make_optimizer
 from qlora_trainer.spectrum import model_spectra, verdict
@@ -46,6 +48,7 @@ from qlora_trainer.training import (append_metric, batch_indices, count_tokens, 
 
 SPIKE_FACTOR = 3.0  # a loss this many times the recent average is reported as a spike
 SPIKE_WINDOW = 20  # steps in that average
+MMAP_THRESHOLD = 1 << 20  # host allocations this large are mapped on their own and unmapped when freed (libc.py)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class Run:
         trackers.check_installed(cfg.train.trackers)  # before anything heavy loads
         self.accelerator = None
         self.tracking = False  # train.report_to's trackers started (accelerator.init_trackers)
+        self.memory = HostMemory(self.log)  # host memory by phase; this ends the "imports" phase
 
     @property
     def max_steps(self) -> int:
@@ -145,7 +149,9 @@ class Run:
         if self.cfg.data.streaming and self.world.distributed:  # one stream, read in order by one process
             raise UserError(f"data.streaming reads its rows in one order on one process, and this run has "
                             f"{self.world.size}: set data.streaming=false (the token cache serves every rank)")
+        libc.set_mmap_threshold(MMAP_THRESHOLD)  # a CPU step's freed weight-sized temporaries go back to the OS
         self._load_data()
+        self._memory_phase("data")
         self._plan_steps()
         self._load_model()
         self._make_optimizer()
@@ -153,6 +159,7 @@ class Run:
             self.world.main_does("taking the lock on out", run_lock.acquire)
         if self.cfg.resume:
             self._resume()  # before config.yaml: a refused resume leaves the run's files as they were
+        self._memory_phase("model load")
         self.history = read_metrics(self.out, up_to=self.start_step)
         self.world.main_does("writing config.yaml and metrics.jsonl", self._write_run_files)
         if self.start_step:
@@ -320,6 +327,10 @@ class Run:
                 if self.stop is not None and self.world.any(self.stop.requested, "agreeing on a stop request"):
                     self._interrupt(step)
                 bad_in_a_row, recent = self._one_step(step, bad_in_a_row, recent, bar)
+                if step == self.start_step:
+                    self._memory_phase("first step")
+            if train_cfg.max_steps > self.start_step + 1:
+                self._memory_phase("steady state")
         finally:
             if self.stop is not None:
                 self.stop.training = False
@@ -404,6 +415,7 @@ class Run:
         self.end_trackers()
         self.log(f"adapter: {verdict(model_spectra(self.model))}; "
                  f"details: qlora-trainer inspect {self.out / ADAPTER_DIR}")
+        self._memory_phase("save")
         return TrainResult(self.out, self.max_steps, self.loss, self.eval_metrics.get("eval_loss"),
                            self.skipped, self.history, self.eval_metrics, self.trainable_params, self.total_params,
                            resumed_from=self.start_step)
@@ -460,6 +472,14 @@ class Run:
             rate = (now - self.fit_start) / max(done - self.start_step, 1)  # seconds a step in this process
             self.log(training_line(done, self.max_steps, fields, rate * (self.max_steps - done)))
         self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def _memory_phase(self, name: str) -> None:
+        """End a phase of host_memory's log, and keep the phases so far in OUT/host_memory.json once OUT exists. The
+        heap's free blocks go back to the OS first (malloc_trim): the next phase starts from what is really held."""
+        libc.malloc_trim()
+        self.memory.end_phase(name)
+        if self.out.is_dir() and self.world.is_main:  # the main process alone writes into OUT
+            self.memory.write(self.out / HOST_MEMORY_FILE)
 
     def _adapter_settings(self) -> dict:
         return dict(base_model_name_or_path=str(self.cfg.model.path), **self.task.adapter_settings(self.model))

@@ -133,9 +133,9 @@ def memory_gb() -> float:
     """Peak GPU memory allocated (GiB), or on CPU the peak resident memory of the process."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import resource
+    from qlora_trainer.host_memory import process_peak_bytes
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS, KiB -> GiB
+    return process_peak_bytes() / 2**30  # peak RSS (host_memory resets the kernel's counter between phases)
 
 
 # ------------------------------------------------------------------------------------------ metrics files
