@@ -184,6 +184,18 @@ def _chat_segments(row: dict, tokenizer) -> list[tuple[str, bool]]:
     return [p for p in pieces if p[0]]
 
 
+def trained_spans(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]], list[int]]:
+    """(text, the character spans of trained pieces, where each response that follows a prompt starts)."""
+    spans, starts, pos = [], [], 0
+    for i, (piece, trained) in enumerate(segments):
+        if trained:
+            spans.append((pos, pos + len(piece)))
+            if i > 0 and not segments[i - 1][1]:
+                starts.append(pos)
+        pos += len(piece)
+    return "".join(t for t, _ in segments), spans, starts
+
+
 def _encode(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
     """Tokenize the joined text (the ids inference sees) and mark the tokens overlapping a response piece.
 
@@ -191,17 +203,10 @@ def _encode(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], lis
     which is what the model sees at generation time. Some tokenizers break that (GPT-2-style pre-tokenizers
     split "\\n\\n" before a letter but not at the end of the text); those rows are tokenized piece by piece
     instead, so the trained prompt ends the way a generation prompt ends. Slow tokenizers (no offsets) too."""
-    text = "".join(t for t, _ in segments)
+    text, spans, starts = trained_spans(segments)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         full, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        spans, starts, pos = [], [], 0
-        for i, (piece, trained) in enumerate(segments):
-            if trained:
-                spans.append((pos, pos + len(piece)))
-                if i > 0 and not segments[i - 1][1]:
-                    starts.append(pos)
-            pos += len(piece)
         if all(_prompt_is_stable(tokenizer, text, start, full, offsets) for start in starts):
             return full, [any(s < e_ and e > s_ for s_, e_ in spans) for s, e in offsets]
     ids, flags = [], []

@@ -6,25 +6,13 @@ what data.tokenize_row gives it (tests/test_data_arrow.py checks that in every f
 from __future__ import annotations
 
 from qlora_trainer.config import DataConfig
-from qlora_trainer.data import RowError, _field, _segments, label_id
+from qlora_trainer.data import RowError, _field, _segments, label_id, trained_spans
 from qlora_trainer.errors import UserError
 from qlora_trainer.names import CLASSIFICATION, IGNORE_INDEX
 
 
 def _row_error(where: str, index: int, err: RowError) -> UserError:
     return UserError(f"{where} row {index + 1}: {err}")
-
-
-def _spans(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]], list[int]]:
-    """(text, the character spans of trained pieces, where each response that follows a prompt starts)."""
-    spans, starts, pos = [], [], 0
-    for i, (piece, trained) in enumerate(segments):
-        if trained:
-            spans.append((pos, pos + len(piece)))
-            if i > 0 and not segments[i - 1][1]:
-                starts.append(pos)
-        pos += len(piece)
-    return "".join(t for t, _ in segments), spans, starts
 
 
 def _token_ranges(encoding, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -61,7 +49,7 @@ def _backend_encode(tokenizer, texts: list[str], offsets: bool = True) -> list:
 def _encode_batch(tokenizer, segments_list: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list]]:
     """data._encode for a batch: (ids, trained token ranges) a row, the same tokens and masks."""
     out: list = [None] * len(segments_list)
-    pieces = [_spans(s) for s in segments_list]
+    pieces = [trained_spans(s) for s in segments_list]
     if getattr(tokenizer, "is_fast", False) and segments_list:
         encodings = _backend_encode(tokenizer, [t for t, _, _ in pieces])
         full_ids = [e.ids for e in encodings]

@@ -70,16 +70,21 @@ class NF4ExpertsStandIn(nn.Module):
         return bnbf.dequantize_4bit(*self.experts[int(e)]).to(self.dtype)
 
 
-def transformers_nf4_with_our_experts(path: Path):
-    """transformers + bitsandbytes NF4 (the reference), with each expert weight (which transformers keeps in full
-    precision) replaced by our NF4 expert dequantized: both then compute with the same weights, through their code."""
+def our_experts_into(reference, ours) -> None:
+    """Copy each of our NF4 expert weights, dequantized, into the same 3-D parameter of a transformers model (which
+    keeps its experts in full precision): the reference then computes with our experts, through its own code."""
     from qlora_trainer.experts import is_nf4_experts
-    from tests.helpers import load_ours, transformers_nf4
-    reference, ours = transformers_nf4(path), load_ours(path)
     with torch.no_grad():
         for name, module in ours.named_modules():
             if is_nf4_experts(module):
                 param = reference.get_parameter(name)
                 for e in range(module.num_experts):
                     param[e].copy_(module[e])
+
+
+def transformers_nf4_with_our_experts(path: Path):
+    """transformers + bitsandbytes NF4 (the reference), with our NF4 experts in place of its full-precision ones."""
+    from tests.helpers import load_ours, transformers_nf4
+    reference = transformers_nf4(path)
+    our_experts_into(reference, load_ours(path))
     return reference

@@ -21,6 +21,7 @@ from qlora_trainer.expert_layout import looks_per_expert
 from qlora_trainer.loading import load_info
 from qlora_trainer.model_summary import model_summary
 from tests.helpers import REPO, load_ours, logits_of, random_ids
+from tests.moe_helpers import our_experts_into
 
 sys.path.insert(0, str(REPO / "scripts"))
 from make_tiny_moe import LAYOUTS  # noqa: E402
@@ -40,15 +41,11 @@ def transformers_fp32(folder):
 def dequantized_into(reference, ours) -> None:
     """Replace every weight that ours stores in NF4 by its dequantized value (quant.py's own dequantization): the
     reference then computes with exactly our weights, through transformers' code."""
+    our_experts_into(reference, ours)
     with torch.no_grad():
         for name, module in ours.named_modules():
-            if is_nf4_experts(module):
-                param = reference.get_parameter(name)
-                for e in range(module.num_experts):
-                    param[e].copy_(module[e])
-            elif quant.is_nf4_linear(module):
+            if quant.is_nf4_linear(module):
                 reference.get_submodule(name).weight.copy_(quant.dequantize(module))
-
 
 def test_per_expert_checkpoints_are_what_transformers_saves(tiny_moe):
     """The per-expert fixtures really are per expert (save_pretrained reverts the fused parameters), the fused ones
