@@ -126,6 +126,33 @@ def save_then_die(real_save, at_step: int):
     return save
 
 
+def straight_and_stopped_at_step_2(run_config, tmp_path: Path, monkeypatch) -> None:
+    """A 4-step run into tmp_path/straight, and the same run into tmp_path/resumed whose process "dies" right after
+    its step-2 checkpoint (`run_config(out)` -> the RunConfig of each)."""
+    import pytest
+
+    from qlora_trainer import checkpoint as ckpt
+    from qlora_trainer import train as train_mod
+
+    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
+    assert straight.steps == 4
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
+    with pytest.raises(Stop):
+        train_mod.train(run_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+
+
+def random_lora_b(model, std: float, seed: int = 0) -> None:
+    """Random non-zero B (std `std`) in every LoRA layer of `model`, linear and expert, so an adapter changes logits."""
+    from qlora_trainer.lora import lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
+
+
 # ------------------------------------------------------------------------------------------ tokenizers
 
 CHAT_TEMPLATE = (  # Llama-3 style: starts with the BOS, assistant turns end with the EOS

@@ -188,7 +188,7 @@ def test_streaming_yields_the_examples_in_file_order_and_seeks_exactly(tmp_path,
 @pytest.mark.slow
 def test_a_resumed_streaming_run_ends_with_the_adapter_of_a_straight_run(tmp_path, monkeypatch):
     from qlora_trainer import checkpoint as ckpt
-    from tests.helpers import Stop, save_then_die
+    from tests.helpers import straight_and_stopped_at_step_2
     from tests.test_train import _adapter_tensors, _config
 
     eval_path = tmp_path / "eval.jsonl"
@@ -200,13 +200,7 @@ def test_a_resumed_streaming_run_ends_with_the_adapter_of_a_straight_run(tmp_pat
         cfg.resume = resume
         return cfg
 
-    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
-    assert straight.steps == 4
-    real_save = ckpt.save_checkpoint
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
-    with pytest.raises(Stop):
-        train_mod.train(run_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    straight_and_stopped_at_step_2(run_config, tmp_path, monkeypatch)
     state = json.loads((ckpt.checkpoint_dir(tmp_path / "resumed", 2) / ckpt.STATE_FILE).read_text())
     assert state["stream"]["epoch"] == 0 and state["stream"]["row"] > 0  # the skip count a resumed run uses
     train_mod.train(run_config(tmp_path / "resumed", resume=True), progress=False, log=lambda *_: None)

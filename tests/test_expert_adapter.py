@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 from qlora_trainer.adapter import copy_weights_into, load_adapter_into, read_adapter, save_adapter, validate
 from qlora_trainer.errors import UserError
 from qlora_trainer.expert_lora import expert_lora_modules
-from qlora_trainer.lora import apply_lora, lora_layers
+from qlora_trainer.lora import apply_lora
 from qlora_trainer.names import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from tests.helpers import load_ours, logits_of, random_ids
+from tests.helpers import load_ours, logits_of, random_ids, random_lora_b
 from tests.moe_helpers import ARCHS, VOCAB, moe_config, transformers_nf4_with_our_experts, write_fused_moe
 
 warnings.filterwarnings("ignore", message=".*RoPE.*")
@@ -32,13 +32,6 @@ def fused(tmp_path_factory):
     return {arch: write_fused_moe(tmp_path_factory.mktemp(arch), arch) for arch in ARCHS}
 
 
-def _random_b(model, seed: int = 0, std: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
-
-
 @pytest.fixture(scope="module")
 def ours_saved(fused, tmp_path_factory):
     """{arch: (our model with all-linear LoRA and random B, its saved adapter folder)}."""
@@ -46,7 +39,7 @@ def ours_saved(fused, tmp_path_factory):
     for arch, path in fused.items():
         model = load_ours(path)
         apply_lora(model, "all-linear", r=2, alpha=4, dropout=0.05)
-        _random_b(model)
+        random_lora_b(model, std=0.3)
         saved[arch] = (model, save_adapter(model, tmp_path_factory.mktemp(f"{arch}-adapter") / "adapter",
                                            base_model_name_or_path=str(path)))
     return saved
@@ -161,7 +154,7 @@ def test_partly_targeted_expert_weights_round_trip_through_peft(fused, tmp_path)
     """gate_up_proj in layer 1 only: target_parameters names its full path, and PEFT nests only there."""
     model = load_ours(fused["gpt_oss"])
     apply_lora(model, ["layers.1.mlp.experts.gate_up_proj", "down_proj"], r=2, alpha=4)
-    _random_b(model, seed=3)
+    random_lora_b(model, std=0.3, seed=3)
     folder = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(fused["gpt_oss"]))
     config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
     assert config["target_parameters"] == ["experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from qlora_trainer.adapter import save_adapter
 from qlora_trainer.errors import UserError
-from qlora_trainer.lora import apply_lora, lora_layers
+from qlora_trainer.lora import apply_lora
 from qlora_trainer.expert_lora import expert_update
 from qlora_trainer.merge import merge
-from tests.helpers import load_ours, logits_of, random_ids
+from tests.helpers import load_ours, logits_of, random_ids, random_lora_b
 from tests.moe_helpers import ARCHS, VOCAB, moe_config, write_fused_moe
 
 warnings.filterwarnings("ignore", message=".*RoPE.*")
@@ -56,10 +56,7 @@ def test_merged_fused_moe_loads_in_transformers_with_our_logits(tmp_path, arch):
     base = write_fused_moe(tmp_path / "base", arch)
     model = load_ours(base)
     apply_lora(model, "all-linear", r=2, alpha=4)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    random_lora_b(model, std=0.3)
     adapter = save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
     out = merge(base, adapter, tmp_path / "merged", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -15,10 +15,10 @@ from qlora_trainer.errors import UserError
 from qlora_trainer.expert_lora import expert_delta
 from qlora_trainer.generate import generate_ids, load_for_generation, render_prompt
 from qlora_trainer.inspect_adapter import attach_base_norms, error_table, table, write_truncated
-from qlora_trainer.lora import apply_lora, lora_layers
+from qlora_trainer.lora import apply_lora
 from qlora_trainer.multi_adapter import load_adapters_into
 from qlora_trainer.spectrum import model_spectra, spectra
-from tests.helpers import load_ours
+from tests.helpers import load_ours, random_lora_b
 from tests.moe_helpers import transformers_nf4_with_our_experts, write_fused_moe
 
 warnings.filterwarnings("ignore", message=".*RoPE.*")
@@ -31,10 +31,7 @@ def moe(tmp_path_factory):
     base = write_fused_moe(root / "base", "mixtral")
     model = load_ours(base)
     apply_lora(model, "all-linear", r=4, alpha=8)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.5)
+    random_lora_b(model, std=0.5)
     return base, save_adapter(model, root / "adapter", base_model_name_or_path=str(base)), model
 
 

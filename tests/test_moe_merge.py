@@ -15,10 +15,10 @@ from qlora_trainer.adapter import load_adapter_into, save_adapter
 from qlora_trainer.expert_layout import looks_per_expert
 from qlora_trainer.expert_lora import expert_lora_modules
 from qlora_trainer.loading import load_quantized
-from qlora_trainer.lora import apply_lora, lora_layers
+from qlora_trainer.lora import apply_lora
 from qlora_trainer.merge import merge
 from qlora_trainer.verify import verify
-from tests.helpers import logits_of, random_ids, write_peft_adapter
+from tests.helpers import logits_of, random_ids, random_lora_b, write_peft_adapter
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,10 +133,7 @@ def test_expert_lora_merges_into_a_per_expert_checkpoint(bases, name, tmp_path):
     ours = load_quantized(base, compute_dtype="fp32", device="cpu", progress=False)
     apply_lora(ours, "all-linear", r=2, alpha=4)
     assert expert_lora_modules(ours)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(ours).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    random_lora_b(ours, std=0.3)
     adapter = save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(base))
     out = merge(base, adapter, tmp_path / "merged", dtype="fp32", compute_dtype="fp32", progress=False)
     source, merged = _tensors(base), _tensors(out)

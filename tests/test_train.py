@@ -21,7 +21,7 @@ from qlora_trainer.loading import load_quantized
 from qlora_trainer.lora import apply_lora, lora_state_dict
 from qlora_trainer.loss import CausalLMLoss
 from qlora_trainer.stopping import Interrupted, StopRequest
-from tests.helpers import ASSET, DEMO, Stop, save_then_die
+from tests.helpers import ASSET, DEMO, straight_and_stopped_at_step_2
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +52,13 @@ def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
 
-def _straight_and_stopped_at_step_2(run_config, tmp_path, monkeypatch) -> None:
-    """A 4-step run into tmp_path/straight, and the same run into tmp_path/resumed whose process "dies" right after
-    its step-2 checkpoint."""
-    straight = train_mod.train(run_config(tmp_path / "straight"), progress=False, log=lambda *_: None)
-    assert straight.steps == 4
-    real_save = ckpt.save_checkpoint
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die(real_save, at_step=2))
-    with pytest.raises(Stop):
-        train_mod.train(run_config(tmp_path / "resumed"), progress=False, log=lambda *_: None)
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
 def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, monkeypatch, config, optimizer):
     def run_config(out):
         return config(out, max_steps=4, save_every=2, batch_size=2, optimizer=optimizer)
 
-    _straight_and_stopped_at_step_2(run_config, tmp_path, monkeypatch)
+    straight_and_stopped_at_step_2(run_config, tmp_path, monkeypatch)
     assert not (tmp_path / "resumed" / "adapter").exists()
     resumed_cfg = run_config(tmp_path / "resumed")
     resumed_cfg.resume = True
@@ -266,7 +254,7 @@ def test_an_epochs_run_stopped_and_resumed_is_bitwise_identical_and_its_config_r
         return config(out, max_steps=None, epochs=2, batch_size=3, save_every=2,
                       **{"data.path": str(config(out).data.eval_path)})
 
-    _straight_and_stopped_at_step_2(run_config, tmp_path, monkeypatch)
+    straight_and_stopped_at_step_2(run_config, tmp_path, monkeypatch)
     from qlora_trainer.config import load_config
 
     rerun = load_config(str(tmp_path / "resumed" / "config.yaml"), ["resume=true"])  # the resolved config as is
