@@ -5,7 +5,13 @@ The rules are data.py's (rendering, masks, BOS/EOS, truncation, drops, row error
 data_batches.tokenize_batch.
 
 A cache entry holds tokens/*.arrow (one row per source row, in file order, with `kept` and `truncated`),
-the train/eval row numbers (train.npy, eval.npy), packed files when data.packing, and stats.json."""
+the train/eval row numbers (train.npy, eval.npy), packed files when data.packing, and stats.json.
+
+Memory stays flat in the row count. RSS counts every page of a memory-mapped file a process has read, so each
+process drops the mapped pages it has read (libc.drop_mapped_pages): after each map batch, at the end of a build
+and of opening an entry, and after each read of examples (a random read can map a whole large folio of the file, a
+megabyte or more). The files are written in few, large record batches, because opening one touches the header page
+of every batch."""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_trainer import data_cache
+from qlora_trainer import data_cache, libc
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import DataStats, check_chat_template, uses_bos
 from qlora_trainer.data_batches import tokenize_batch
@@ -31,18 +37,20 @@ from qlora_trainer.names import CLASSIFICATION
 logger = logging.getLogger(__name__)
 
 MIN_ROWS_PER_PROCESS = 20_000  # below this a worker process costs more than it saves
-MAP_BATCH = 1000  # rows a call of tokenize_batch
-WRITER_BATCH = 20_000  # rows an Arrow record batch: each batch's header page is touched when a file is opened
+MAP_BATCH = 10_000  # rows a call of the map function: one record batch of the cache files
+TOKENIZE_BATCH = 1000  # rows a call of tokenize_batch: the Python objects of one such call are what a worker holds
+WRITER_BATCH = 20_000  # rows an Arrow record batch at most
 COLUMNS = ("input_ids", "labels")
 
 
 class Examples(Sequence):
     """Tokenized examples read lazily by index from a memory-mapped Arrow dataset: ex[i] -> {"input_ids": [...],
     "labels": ...}, ex[a:b] -> a list of such dicts, ex.take(indices) -> the same in one Arrow read. `rows`
-    (optional) maps example i to row rows[i] of the dataset."""
+    (optional) maps example i to row rows[i] of the dataset; `folder` (optional): the folder of the mapped files,
+    whose pages are dropped after each read (see the module docstring)."""
 
-    def __init__(self, dataset, rows: np.ndarray | None = None):
-        self.dataset, self.rows = dataset, rows
+    def __init__(self, dataset, rows: np.ndarray | None = None, folder: Path | None = None):
+        self.dataset, self.rows, self.folder = dataset, rows, folder
 
     def __len__(self) -> int:
         return len(self.dataset) if self.rows is None else len(self.rows)
@@ -61,6 +69,8 @@ class Examples(Sequence):
             return []
         rows = indices if self.rows is None else self.rows[indices].tolist()
         columns = self.dataset[rows]
+        if self.folder is not None:
+            libc.drop_mapped_pages(self.folder)  # under a millisecond; RSS would otherwise grow with every read
         return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
     def __iter__(self) -> Iterator[dict]:
@@ -97,6 +107,17 @@ def _label_map(datasets_) -> dict | None:
     return {name: i for i, name in enumerate(sorted(names))} if names else None
 
 
+def _map_batch(batch: dict, indices: list[int], *, mapped: str, rows_a_call: int, **kwargs):
+    """datasets.map's function: tokenize_batch `rows_a_call` rows at a time, one table for the whole map batch,
+    then drop the pages of the mapped input (under `mapped`) this process has read."""
+    import pyarrow as pa
+
+    tables = [tokenize_batch({k: v[a:a + rows_a_call] for k, v in batch.items()}, indices[a:a + rows_a_call],
+                             **kwargs) for a in range(0, len(indices), rows_a_call)]
+    libc.drop_mapped_pages(mapped)
+    return pa.concat_tables(tables).combine_chunks()  # one record batch, not one per call of tokenize_batch
+
+
 def _tokenize_file(rows, out: Path, where: str, cfg: DataConfig, tokenizer, label_ids, num_proc: int | None,
                    progress: bool):
     """Map `rows` into Arrow files under `out` -> the tokenized dataset (memory-mapped)."""
@@ -104,19 +125,27 @@ def _tokenize_file(rows, out: Path, where: str, cfg: DataConfig, tokenizer, labe
 
     out.mkdir(parents=True)
     add_bos = tokenizer.bos_token is not None and uses_bos(tokenizer)  # once, not per row
+    mapped = _folder_of(rows, out.parent)
+    libc.drop_mapped_pages(mapped)  # the header pages loading touched, before the workers fork with them
     procs = num_processes(num_proc, len(rows))
     bars_were_on = datasets.is_progress_bar_enabled()
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
     try:
-        return rows.map(tokenize_batch, batched=True, batch_size=MAP_BATCH, writer_batch_size=WRITER_BATCH,
+        return rows.map(_map_batch, batched=True, batch_size=MAP_BATCH, writer_batch_size=WRITER_BATCH,
                         with_indices=True,
                         remove_columns=rows.column_names, num_proc=procs if procs > 1 else None,
                         fn_kwargs=dict(cfg=cfg, tokenizer=tokenizer, add_bos=add_bos, label_ids=label_ids,
-                                       where=where),
+                                       where=where, mapped=mapped, rows_a_call=TOKENIZE_BATCH),
                         cache_file_name=str(out / "data.arrow"), load_from_cache_file=False,
                         new_fingerprint=out.parent.name + out.name, desc=f"tokenizing {os.path.basename(where)}")
     finally:
         (datasets.enable_progress_bars if bars_were_on else datasets.disable_progress_bars)()
+
+
+def _folder_of(ds, default: Path) -> str:
+    """The folder holding the files `ds` is memory-mapped from."""
+    folders = [os.path.dirname(f["filename"]) for f in ds.cache_files]
+    return os.path.commonpath(folders) if folders else str(default)
 
 
 def _split(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -183,6 +212,7 @@ def _build(entry: Path, cfg: DataConfig, tokenizer, seed: int, num_labels: int |
                      str(entry / "packed_eval.arrow"))
     stats["seconds"] = round(time.perf_counter() - started, 3)
     (entry / data_cache.DONE_FILE).write_text(json.dumps(stats))
+    libc.drop_mapped_pages(entry)
 
 
 def _label_names(label_ids, tokens, train_idx, eval_tokens, eval_idx, num_labels, where) -> list[str]:
@@ -230,18 +260,19 @@ def prepare(cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = 
     tokens = _open_arrow(entry / "tokens").select_columns(list(COLUMNS))
     eval_tokens = _open_arrow(entry / "eval_tokens").select_columns(list(COLUMNS)) if cfg.eval_path else tokens
     train_idx, eval_idx = np.load(entry / "train.npy"), np.load(entry / "eval.npy")
-    unpacked = Examples(tokens, train_idx)
-    train, evals = unpacked, Examples(eval_tokens, eval_idx)
+    unpacked = Examples(tokens, train_idx, entry)
+    train, evals = unpacked, Examples(eval_tokens, eval_idx, entry)
     if "packed_rows" in saved:
         import datasets
 
-        train = Examples(datasets.Dataset.from_file(str(entry / "packed_train.arrow")))
-        evals = Examples(datasets.Dataset.from_file(str(entry / "packed_eval.arrow")))
+        train = Examples(datasets.Dataset.from_file(str(entry / "packed_train.arrow")), folder=entry)
+        evals = Examples(datasets.Dataset.from_file(str(entry / "packed_eval.arrow")), folder=entry)
     stats = DataStats(rows=saved["rows"], train_examples=saved["train_examples"],
                       eval_examples=saved["eval_examples"], truncated=saved["truncated"], dropped=saved["dropped"],
                       lengths=Lengths(_lengths(tokens)[train_idx]), trained_tokens=saved["trained_tokens"],
                       packed_rows=saved.get("packed_rows"), label_names=saved.get("label_names"))
     stats.cache, stats.cache_reused, stats.build_seconds = str(entry), reused, saved["seconds"]
+    libc.drop_mapped_pages(entry)  # the header pages opening touched, the offsets the lengths came from
     if stats.truncated:
         logger.warning("%d examples were longer than data.max_seq_len=%d and were truncated (they lose their EOS)",
                        stats.truncated, cfg.max_seq_len)

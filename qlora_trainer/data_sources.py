@@ -17,6 +17,8 @@ from qlora_trainer.jsonl import bad_line
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 IGNORED_IN_FOLDERS = (".md", ".txt.lock")  # a README beside the shards is no shard
+ARROW_BATCH_ROWS = 20_000  # rows a record batch of the Arrow copy of text files (datasets writes 1,000: opening a
+                           # memory-mapped file touches each batch's header page, which RSS then counts)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -121,7 +123,8 @@ def load_rows(path: str, cache_dir: str | None = None):
         builder = {_check_file(f) for f in files}.pop()
         try:
             with quiet_datasets():
-                ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+                ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir,
+                                           writer_batch_size=ARROW_BATCH_ROWS)
         except Exception as err:  # the readers raise many types; the message below keeps the reader's own
             better = next((m for f in files if builder == "json" and (m := _find_bad_json(f))), None)
             raise UserError(better or f"{path}: cannot read it as {builder}: {str(err).splitlines()[0]}") from err

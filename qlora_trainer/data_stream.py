@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data import check_chat_template, uses_bos
-from qlora_trainer.data_arrow import MAP_BATCH
+from qlora_trainer.data_arrow import TOKENIZE_BATCH
 from qlora_trainer.data_batches import tokenize_batch
 from qlora_trainer.data_sources import stream_rows
 from qlora_trainer.errors import UserError
@@ -70,7 +70,7 @@ class StreamingExamples:
 
     def _tokenized(self, rows, start_row: int) -> Iterator[tuple[dict, int]]:
         index = start_row
-        for batch in rows.iter(batch_size=MAP_BATCH):
+        for batch in rows.iter(batch_size=TOKENIZE_BATCH):
             size = len(next(iter(batch.values())))
             table = tokenize_batch(batch, list(range(index, index + size)), cfg=self.cfg, tokenizer=self.tokenizer,
                                    add_bos=self.add_bos, label_ids=None, where=self.cfg.path)

@@ -1,4 +1,4 @@
-"""The C library, loaded once, for the calls Python does not offer: malloc_trim, mallopt and renameat2."""
+"""The C library, loaded once, for the calls Python does not offer: malloc_trim, mallopt, madvise and renameat2."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 _RENAME_EXCHANGE = 2
 _M_MMAP_THRESHOLD = -3  # mallopt: allocations at least this large get their own mmap, unmapped again on free
 _AT_FDCWD = -100
+_MADV_DONTNEED = 4
 
 
 @functools.cache
@@ -40,6 +41,33 @@ def set_mmap_threshold(nbytes: int) -> bool:
     if mallopt is None:
         return False
     return mallopt(_M_MMAP_THRESHOLD, int(nbytes)) == 1
+
+
+def drop_mapped_pages(folder: str | os.PathLike) -> int:
+    """Unmap the pages this process has read from read-only memory-mapped files under `folder` (madvise
+    MADV_DONTNEED), keeping the mappings. RSS counts every page of a mapped file a process has touched, until it
+    unmaps the file: reading a memory-mapped Arrow cache from end to end would show the whole file as resident
+    memory. The pages stay in the page cache, so the next read is a page-table fault, not a disk read, and the
+    contents are the file's (nothing was written through a read-only mapping). -> the bytes of mappings dropped;
+    0 where the OS has no /proc/self/maps or the C library no madvise."""
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
+        return 0
+    prefix = os.path.join(os.path.realpath(folder), "")
+    try:
+        with open("/proc/self/maps") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return 0
+    dropped = 0
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode path
+        if len(fields) < 6 or not fields[5].startswith(prefix) or "w" in fields[1]:
+            continue
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
 
 
 def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -15,6 +15,7 @@ from qlora_trainer.config import DataConfig
 from qlora_trainer.data import build_datasets, load_tokenizer, pack, tokenize_row
 from qlora_trainer.data_stream import StreamingExamples
 from qlora_trainer.errors import UserError
+from qlora_trainer.host_memory import read_status
 from tests.helpers import CHAT_TEMPLATE, make_tokenizer
 from tests.test_data import CHAT, write_jsonl
 
@@ -53,7 +54,11 @@ def test_the_batched_pipeline_gives_the_reference_examples(tmp_path, tok, fmt, p
     assert stats.dropped == len(rows) - stats.train_examples
 
 
-def test_two_processes_give_the_same_examples_and_name_the_bad_row(tmp_path, tok):
+def test_two_processes_and_batches_of_several_calls_give_the_same_examples_and_name_the_bad_row(tmp_path, tok,
+                                                                                                monkeypatch):
+    """Each worker gets map batches of 16 rows, each tokenized 5 rows a call (the last call shorter)."""
+    monkeypatch.setattr(data_arrow, "MAP_BATCH", 16)
+    monkeypatch.setattr(data_arrow, "TOKENIZE_BATCH", 5)
     rows = ROWS["alpaca"]
     data_cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), format="alpaca", eval_fraction=0,
                           num_proc=2, max_seq_len=40)
@@ -86,6 +91,25 @@ def test_examples_are_read_by_index(tmp_path, tok):
     with pytest.raises(IndexError):
         train[len(train)]
     assert len(train) + len(evals) == len(rows)
+
+
+@pytest.mark.skipif(read_status() is None, reason="RSS is read from /proc/self/status (Linux)")
+def test_reading_every_example_leaves_none_of_the_cache_resident(tmp_path, tok):
+    """RSS counts the pages of a memory-mapped file a process has read: without the drops, reading a cache from end
+    to end (an epoch, an eval pass) would show the whole file as resident memory, growing with the row count."""
+    rows = [{"instruction": f"row {i}: " + "the quick brown fox " * (i % 7 + 12), "input": "",
+             "output": "jumps over the lazy dog " * (i % 5 + 18)} for i in range(12_000)]
+    data_cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), format="alpaca", eval_fraction=0.1,
+                          max_seq_len=512, cache_dir=str(tmp_path / "cache"))
+    train, evals, stats = build_datasets(data_cfg, tok)
+    cache_bytes = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*.arrow"))
+    assert cache_bytes > 16 * 2**20  # a file whose pages would be plain to see
+    before = read_status()["RssFile"]
+    tokens = sum(len(ex["input_ids"]) for examples in (train, evals) for ex in examples)
+    shuffled = [train.take(list(range(i, len(train), 97))) for i in range(0, 97, 8)]  # reads all over the file
+    grew = read_status()["RssFile"] - before
+    assert tokens == sum(stats.lengths) + sum(len(ex["input_ids"]) for ex in evals) and len(shuffled) == 13
+    assert grew < 4 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------ the cache

@@ -73,6 +73,48 @@ def test_a_freed_block_above_the_mmap_threshold_goes_back_to_the_os():
     assert read_status()["RssAnon"] - before < 4 * MIB
 
 
+def _mapped_file(path: Path, mib: int, access=None):
+    """A file of `mib` MiB (each 4 KiB page holds its own number) memory-mapped, every page read (resident)."""
+    import mmap
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pages = mib * MIB // 4096
+    path.write_bytes(b"".join(i.to_bytes(4096, "little") for i in range(pages)))
+    with open(path, "r+b") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=access or mmap.ACCESS_READ)
+    assert sum(mapped[i * 4096] for i in range(pages)) >= 0  # read a byte of every page
+    return mapped
+
+
+@linux
+def test_dropping_mapped_pages_gives_back_the_rss_of_that_folder_only_and_keeps_every_byte(tmp_path):
+    """libc.drop_mapped_pages: what the data pipeline calls so that reading a memory-mapped cache does not show as
+    resident memory that grows with the file. Measured against the kernel's RssFile; the contents against the
+    bytes written."""
+    import mmap
+
+    cache = _mapped_file(tmp_path / "cache" / "tokens.arrow", 24)
+    before_other = read_status()["RssFile"]
+    other = _mapped_file(tmp_path / "elsewhere" / "other.bin", 8)
+    written = _mapped_file(tmp_path / "cache" / "private.bin", 4, access=mmap.ACCESS_COPY)
+    written[:5] = b"hello"  # a private page this process wrote: only its copy holds these bytes
+    assert read_status()["RssFile"] - before_other > 7 * MIB
+    held = read_status()["RssFile"]
+
+    dropped = libc.drop_mapped_pages(tmp_path / "cache")
+
+    assert dropped >= 24 * MIB  # the read-only mapping, not the writable one
+    assert dropped < 28 * MIB
+    given_back = held - read_status()["RssFile"]
+    assert 20 * MIB < given_back < 28 * MIB  # the 24 MiB mapping is no longer resident; the other 8 MiB still are
+    assert written[:5] == b"hello"  # a writable mapping is left alone: dropping it would lose the write
+    on_disk = (tmp_path / "cache" / "tokens.arrow").read_bytes()
+    assert cache[:] == on_disk  # read again through the mapping: the file's bytes
+    assert other[:] == (tmp_path / "elsewhere" / "other.bin").read_bytes()
+    for m in (cache, other, written):
+        m.close()
+
+
 @linux
 def test_train_logs_every_phase_and_writes_them_to_out(tmp_path, one_thread):
     lines = []
