@@ -71,6 +71,7 @@ class DataStats:
     cache: str | None = None     # the token cache entry these examples were read from (data_cache.py)
     cache_reused: bool = False   # True: read from the cache; False: tokenized now and written there
     build_seconds: float = 0.0   # how long tokenizing took when the entry was built
+    cache_removed: tuple[int, int] = (0, 0)  # (entries, bytes) of old cache entries the build removed
 
     def summary(self) -> str:
         lines = [f"rows read: {self.rows}; train examples: {self.train_examples}; eval examples: {self.eval_examples}"]
@@ -276,11 +277,17 @@ def check_chat_template(data_cfg: DataConfig, tokenizer) -> None:
 
 
 def tokenizing_detail(stats: DataStats) -> str:
-    """'1000 rows at 5400 rows/s, cache written to PATH' or '1000 rows, cache reused from PATH'."""
+    """'1000 rows at 5400 rows/s, cache written to PATH' (and the old entries it removed) or '1000 rows, cache
+    reused from PATH'."""
     if stats.cache_reused:
         return f"{stats.rows} rows, cache reused from {stats.cache}"
     rate = stats.rows / max(stats.build_seconds, 1e-9)
-    return f"{stats.rows} rows at {rate:.0f} rows/s, cache written to {stats.cache}"
+    detail = f"{stats.rows} rows at {rate:.0f} rows/s, cache written to {stats.cache}"
+    entries, freed = stats.cache_removed
+    if entries:
+        detail += f" (removed {entries} old {'entry' if entries == 1 else 'entries'} no run can use, " \
+                  f"{freed / 2**20:,.1f} MiB)"
+    return detail
 
 
 def build_datasets(data_cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = None,

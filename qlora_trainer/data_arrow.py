@@ -236,14 +236,15 @@ def _open_arrow(folder: Path):
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _key(cfg: DataConfig, tokenizer, seed: int, num_labels: int | None) -> str:
-    return data_cache.cache_key({
+def _key_parts(cfg: DataConfig, tokenizer, seed: int, num_labels: int | None) -> dict:
+    """Everything that changes the tokens of an entry (data_cache.py)."""
+    return {
         "data": data_cache.data_digest(cfg.path),
         "eval": data_cache.data_digest(cfg.eval_path) if cfg.eval_path else None,
         "format": cfg.format, "max_seq_len": cfg.max_seq_len, "packing": cfg.packing and cfg.format != CLASSIFICATION,
         "train_on_prompt": cfg.train_on_prompt, "eval_fraction": 0 if cfg.eval_path else cfg.eval_fraction,
         "seed": seed if cfg.eval_fraction and not cfg.eval_path else 0, "num_labels": num_labels,
-        "tokenizer": data_cache.tokenizer_digest(tokenizer), "code": data_cache.code_digest()})
+        "tokenizer": data_cache.tokenizer_digest(tokenizer), "code": data_cache.code_digest()}
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = None,
@@ -254,8 +255,11 @@ def prepare(cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = 
         raise UserError("the tokenizer has no EOS token, so examples cannot teach the model to stop: "
                         "set eos_token in the tokenizer files")
     root = data_cache.cache_root(cfg.path, cfg.cache_dir)
-    entry, reused = data_cache.cached_entry(root, _key(cfg, tokenizer, seed, num_labels),
+    parts = _key_parts(cfg, tokenizer, seed, num_labels)
+    source = os.path.abspath(cfg.path) if os.path.exists(cfg.path) else cfg.path
+    entry, reused = data_cache.cached_entry(root, parts, source,
                                             lambda tmp: _build(tmp, cfg, tokenizer, seed, num_labels, progress))
+    removed = (0, 0) if reused else data_cache.remove_unusable(root, entry, parts, source)
     saved = json.loads((entry / data_cache.DONE_FILE).read_text())
     tokens = _open_arrow(entry / "tokens").select_columns(list(COLUMNS))
     eval_tokens = _open_arrow(entry / "eval_tokens").select_columns(list(COLUMNS)) if cfg.eval_path else tokens
@@ -272,6 +276,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int = 0, num_labels: int | None = 
                       lengths=Lengths(_lengths(tokens)[train_idx]), trained_tokens=saved["trained_tokens"],
                       packed_rows=saved.get("packed_rows"), label_names=saved.get("label_names"))
     stats.cache, stats.cache_reused, stats.build_seconds = str(entry), reused, saved["seconds"]
+    stats.cache_removed = removed
     libc.drop_mapped_pages(entry)  # the header pages opening touched, the offsets the lengths came from
     if stats.truncated:
         logger.warning("%d examples were longer than data.max_seq_len=%d and were truncated (they lose their EOS)",

@@ -7,7 +7,11 @@ them is a new key and never a stale hit.
 
 An entry is a folder `<root>/<key>` written as a `.tmp-*` sibling and renamed into place: a run killed while
 writing leaves a temporary folder that no later run reads (and removes when it is old). The root is data.cache_dir,
-else `.qlora-cache` beside the data, else (a read-only data folder, a hub id) the user's cache folder."""
+else `.qlora-cache` beside the data, else (a read-only data folder, a hub id) the user's cache folder.
+
+An entry records what it was built from (KEY_FILE). A new entry removes the entries no run can be served again:
+those of another version of the pipeline (its code is part of the key), and those of the same data path built from
+contents the path no longer has. Entries of other data, or of other settings of the same data, stay."""
 
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from qlora_trainer.data_sources import source_files
 CACHE_FOLDER = ".qlora-cache"
 CONTENT_HASH_LIMIT = 1 << 30  # bytes: files up to this size are hashed whole
 DONE_FILE = "stats.json"  # written last in an entry
+KEY_FILE = "key.json"  # the parts of an entry's key and the data path it was built from
+KEY_LENGTH = 24  # hex digits of a key: the name of an entry folder
 STALE_TMP_SECONDS = 24 * 3600
 PIPELINE_MODULES = ("data.py", "data_arrow.py", "data_batches.py", "data_sources.py", "data_cache.py", "packing.py")
 
@@ -97,12 +103,14 @@ def code_digest() -> str:
 
 
 def cache_key(parts: dict) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=KEY_LENGTH // 2).hexdigest()
 
 
-def cached_entry(root: Path, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
-    """(the entry folder, True when it was reused). `build(tmp)` fills a temporary folder, which must end with
-    DONE_FILE; it is then renamed into place. Another process that finished the same key first wins: ours goes."""
+def cached_entry(root: Path, parts: dict, source: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """(the entry folder of `parts`, True when it was reused). `build(tmp)` fills a temporary folder, which must end
+    with DONE_FILE; KEY_FILE (`parts` and the data path `source`) is added and the folder renamed into place.
+    Another process that finished the same key first wins: ours goes."""
+    key = cache_key(parts)
     final = root / key
     if (final / DONE_FILE).is_file():
         return final, True
@@ -122,6 +130,7 @@ def cached_entry(root: Path, key: str, build: Callable[[Path], None]) -> tuple[P
     try:
         if not (tmp / DONE_FILE).is_file():
             raise RuntimeError(f"cache build for {key} wrote no {DONE_FILE}")
+        (tmp / KEY_FILE).write_text(json.dumps({"parts": parts, "source": source}, sort_keys=True))
         if final.exists() and not (final / DONE_FILE).is_file():
             shutil.rmtree(final, ignore_errors=True)  # a folder left by another tool: never trusted
         try:
@@ -132,6 +141,45 @@ def cached_entry(root: Path, key: str, build: Callable[[Path], None]) -> tuple[P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, False
+
+
+def remove_unusable(root: Path, keep: Path, parts: dict, source: str) -> tuple[int, int]:
+    """Remove the entries under `root` that no run can be served again (see the module docstring); an entry
+    without a KEY_FILE predates them, so it is another version's. Only complete entries (a key for a name, a
+    DONE_FILE inside) are ever touched. -> (entries removed, bytes freed)."""
+    removed, freed = 0, 0
+    for entry in root.iterdir():
+        if entry == keep or not _is_entry(entry):
+            continue
+        try:
+            recorded = json.loads((entry / KEY_FILE).read_text())
+            theirs = recorded["parts"]
+            unusable = theirs["code"] != parts["code"] or (recorded["source"] == source and
+                                                           theirs["data"] != parts["data"])
+        except (OSError, ValueError, KeyError, TypeError):
+            unusable = True
+        if unusable:
+            size = _bytes_in(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def _bytes_in(folder: Path) -> int:
+    """The bytes of the files under `folder`; 0 for those gone meanwhile (another rank removing the same entry)."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def _is_entry(path: Path) -> bool:
+    name = path.name
+    return (len(name) == KEY_LENGTH and all(c in "0123456789abcdef" for c in name) and path.is_dir()
+            and (path / DONE_FILE).is_file())
 
 
 def _remove_stale_temps(root: Path) -> None:

@@ -4,6 +4,8 @@ examples in the same order; a resumed streaming run ends with the same adapter a
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from qlora_trainer import data_arrow, data_cache
 from qlora_trainer import train as train_mod
 from qlora_trainer.cli import main
 from qlora_trainer.config import DataConfig
-from qlora_trainer.data import build_datasets, load_tokenizer, pack, tokenize_row
+from qlora_trainer.data import build_datasets, load_tokenizer, pack, tokenize_row, tokenizing_detail
 from qlora_trainer.data_stream import StreamingExamples
 from qlora_trainer.errors import UserError
 from qlora_trainer.host_memory import read_status
@@ -167,6 +169,38 @@ def test_a_folder_without_its_done_file_is_rebuilt(tmp_path, tok):
     os.remove(os.path.join(entry, data_cache.DONE_FILE))  # as a copy cut short would leave it
     again = build_datasets(data_cfg, tok)[2]
     assert again.cache == entry and not again.cache_reused
+
+
+def test_a_new_entry_removes_the_entries_no_run_can_use_and_keeps_the_others(tmp_path, tok, monkeypatch):
+    cache = tmp_path / "cache"
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a b"}, {"text": "the cat"}])
+    cfg = DataConfig(path=path, format="text", eval_fraction=0, cache_dir=str(cache))
+    first = build_datasets(cfg, tok)[2].cache
+    shorter = build_datasets(DataConfig(**{**cfg.__dict__, "max_seq_len": 9}), tok)[2].cache
+    other_cfg = DataConfig(**{**cfg.__dict__, "path": write_jsonl(tmp_path / "other.jsonl", [{"text": "a dog"}])})
+    other = build_datasets(other_cfg, tok)[2]
+    assert other.cache_removed == (0, 0) and len({first, shorter, other.cache}) == 3  # all still usable
+    not_ours = cache / "notes"  # anything else in the folder is never touched
+    not_ours.mkdir()
+    (not_ours / data_cache.DONE_FILE).write_text("{}")
+    first_bytes = sum(f.stat().st_size for f in Path(first).rglob("*") if f.is_file())
+
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a c"}, {"text": "the cat"}])  # the file edited
+    edited = build_datasets(cfg, tok)[2]
+
+    assert not os.path.exists(first) and not os.path.exists(shorter)  # built from contents the file no longer has
+    assert os.path.isdir(other.cache) and not_ours.is_dir()
+    assert edited.cache_removed[0] == 2 and edited.cache_removed[1] > first_bytes
+    assert "removed 2 old entries no run can use" in tokenizing_detail(edited)
+    assert build_datasets(other_cfg, tok)[2].cache_reused
+
+    older = cache / ("0" * data_cache.KEY_LENGTH)  # an entry from before entries recorded their key
+    shutil.copytree(other.cache, older)
+    os.remove(older / data_cache.KEY_FILE)
+    monkeypatch.setattr(data_cache, "code_digest", lambda: "the next version")
+    newest = build_datasets(cfg, tok)[2]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([Path(newest.cache).name, "notes"])
+    assert newest.cache_removed[0] == 3  # another version's pipeline can never be served: edited, other, older
 
 
 # ------------------------------------------------------------------------------------------------ sources
