@@ -15,6 +15,7 @@ of every batch."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -143,9 +144,9 @@ def _tokenize_file(rows, out: Path, where: str, cfg: DataConfig, tokenizer, labe
 
 
 def _folder_of(ds, default: Path) -> str:
-    """The folder holding the files `ds` is memory-mapped from."""
-    folders = [os.path.dirname(f["filename"]) for f in ds.cache_files]
-    return os.path.commonpath(folders) if folders else str(default)
+    """The folder holding the files `ds` is memory-mapped from (`default` unless that is one folder)."""
+    folders = {os.path.dirname(f["filename"]) for f in ds.cache_files}
+    return folders.pop() if len(folders) == 1 else str(default)
 
 
 def _split(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -206,10 +207,11 @@ def _build(entry: Path, cfg: DataConfig, tokenizer, seed: int, num_labels: int |
     elif cfg.packing:
         from qlora_trainer.packing import write_packed
 
+        drop = functools.partial(libc.drop_mapped_pages, entry)  # the token pages packing has read
         stats["packed_rows"] = write_packed(tokens.data.table, train_idx, lengths, cfg.max_seq_len,
-                                            str(entry / "packed_train.arrow"))
+                                            str(entry / "packed_train.arrow"), drop)
         write_packed(eval_tokens.data.table, eval_idx, _lengths(eval_tokens)[eval_idx], cfg.max_seq_len,
-                     str(entry / "packed_eval.arrow"))
+                     str(entry / "packed_eval.arrow"), drop)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     (entry / data_cache.DONE_FILE).write_text(json.dumps(stats))
     libc.drop_mapped_pages(entry)

@@ -7,9 +7,11 @@ of consecutive examples is the same flat values with fewer list offsets."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-CHUNK_EXAMPLES = 65536  # examples gathered per write: memory stays flat in the dataset's size
+CHUNK_EXAMPLES = 16384  # examples gathered per write: one chunk's arrays are packing's memory, whatever the row count
 
 
 def row_starts(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:
@@ -23,9 +25,11 @@ def row_starts(lengths: np.ndarray, max_seq_len: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def write_packed(table, order: np.ndarray, lengths: np.ndarray, max_seq_len: int, path: str) -> int:
+def write_packed(table, order: np.ndarray, lengths: np.ndarray, max_seq_len: int, path: str,
+                 release: Callable[[], object] = lambda: None) -> int:
     """Pack the rows `order` of an Arrow table (columns input_ids, labels) in that order into an Arrow file at
-    `path` (columns input_ids, labels, position_ids), `lengths` being their token counts; returns the row count."""
+    `path` (columns input_ids, labels, position_ids), `lengths` being their token counts; returns the row count.
+    `release` is called after each record batch of `table` is read from (data_arrow drops the mapped pages read)."""
     import pyarrow as pa
     from datasets import Features, Sequence, Value
     from datasets.arrow_writer import ArrowWriter
@@ -39,7 +43,7 @@ def write_packed(table, order: np.ndarray, lengths: np.ndarray, max_seq_len: int
             last = int(np.searchsorted(starts, starts[first] + CHUNK_EXAMPLES, side="left"))
             last = max(last, first + 1)
             e0, e1 = int(bounds[first]), int(bounds[last])
-            part = table.take(pa.array(order[e0:e1]))
+            part = _take(table, order[e0:e1], release)
             lens = lengths[e0:e1]
             ends = np.cumsum(lens)
             row_offsets = np.concatenate([[0], ends[bounds[first + 1:last + 1] - e0 - 1]]).astype(np.int32)
@@ -52,6 +56,22 @@ def write_packed(table, order: np.ndarray, lengths: np.ndarray, max_seq_len: int
             first = last
         writer.finalize()
     return len(starts)
+
+
+def _take(table, rows: np.ndarray, release: Callable[[], object]):
+    """table.take(rows), one record batch at a time (a run of rows in the same batch is one take). Table.take on a
+    list column first concatenates all of the column's chunks: a copy of every token in the table, for each call."""
+    import pyarrow as pa
+
+    batches = table.to_batches()
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    cuts = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(rows)]
+    parts = []
+    for a, b in zip(cuts, cuts[1:]):
+        parts.append(batches[which[a]].take(pa.array(rows[a:b] - starts[which[a]])))
+        release()
+    return pa.Table.from_batches(parts, schema=table.schema)
 
 
 def _values(column):

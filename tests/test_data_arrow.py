@@ -95,13 +95,16 @@ def test_examples_are_read_by_index(tmp_path, tok):
     assert len(train) + len(evals) == len(rows)
 
 
-@pytest.mark.skipif(read_status() is None, reason="RSS is read from /proc/self/status (Linux)")
+LONG_ROWS = [{"instruction": f"row {i}: " + "the quick brown fox " * (i % 7 + 12), "input": "",
+              "output": "jumps over the lazy dog " * (i % 5 + 18)} for i in range(12_000)]  # 18 MB of tokens
+linux = pytest.mark.skipif(read_status() is None, reason="RSS is read from /proc/self/status (Linux)")
+
+
+@linux
 def test_reading_every_example_leaves_none_of_the_cache_resident(tmp_path, tok):
     """RSS counts the pages of a memory-mapped file a process has read: without the drops, reading a cache from end
     to end (an epoch, an eval pass) would show the whole file as resident memory, growing with the row count."""
-    rows = [{"instruction": f"row {i}: " + "the quick brown fox " * (i % 7 + 12), "input": "",
-             "output": "jumps over the lazy dog " * (i % 5 + 18)} for i in range(12_000)]
-    data_cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), format="alpaca", eval_fraction=0.1,
+    data_cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", LONG_ROWS), format="alpaca", eval_fraction=0.1,
                           max_seq_len=512, cache_dir=str(tmp_path / "cache"))
     train, evals, stats = build_datasets(data_cfg, tok)
     cache_bytes = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*.arrow"))
@@ -112,6 +115,43 @@ def test_reading_every_example_leaves_none_of_the_cache_resident(tmp_path, tok):
     grew = read_status()["RssFile"] - before
     assert tokens == sum(stats.lengths) + sum(len(ex["input_ids"]) for ex in evals) and len(shuffled) == 13
     assert grew < 4 * 2**20
+
+
+@linux
+def test_packing_reads_one_record_batch_at_a_time_and_holds_none(tmp_path, tok, monkeypatch):
+    """Packing reads every token of the cache, the eval rows scattered over the whole file. It reads one record
+    batch at a time (Table.take would first gather the whole token column, for each chunk), and the pages read are
+    dropped after each batch, so the resident part of the file stays one batch's instead of growing to the whole
+    file. RssFile is read before each drop (its highest point) and after it."""
+    from qlora_trainer import packing
+
+    monkeypatch.setattr(data_arrow, "MAP_BATCH", 1000)  # record batches of 1,000 rows: 1.5 MB each
+    monkeypatch.setattr(packing, "CHUNK_EXAMPLES", 3000)
+    before_drops, after_drops, write_packed = [], [], packing.write_packed
+
+    def measured(*args):
+        *rest, release = args
+
+        def measure_and_release():
+            before_drops.append(read_status()["RssFile"])
+            release()
+            after_drops.append(read_status()["RssFile"])
+
+        return write_packed(*rest, measure_and_release)
+
+    monkeypatch.setattr(packing, "write_packed", measured)
+    data_cfg = DataConfig(path=write_jsonl(tmp_path / "d.jsonl", LONG_ROWS), format="alpaca", eval_fraction=0.1,
+                          max_seq_len=512, packing=True, cache_dir=str(tmp_path / "cache"))
+    train, evals, stats = build_datasets(data_cfg, tok)
+    tokens_bytes = sum(f.stat().st_size for f in (tmp_path / "cache").rglob("tokens/*.arrow"))
+    assert tokens_bytes > 16 * 2**20
+    assert max(a - b for a, b in zip(before_drops, after_drops)) < 6 * 2**20  # about one batch read at a time
+    assert max(before_drops) - min(before_drops) < 8 * 2**20  # not growing batch by batch
+    assert len(before_drops) >= 24  # every batch, for train and for eval
+
+    unpacked_train, unpacked_eval, _ = build_datasets(DataConfig(**{**data_cfg.__dict__, "packing": False}), tok)
+    assert list(train) == pack(list(unpacked_train), 512) and list(evals) == pack(list(unpacked_eval), 512)
+    assert stats.packed_rows == len(train) and len(evals) > 0
 
 
 # ------------------------------------------------------------------------------------------------ the cache
