@@ -7,6 +7,9 @@ The rules (README "More than one GPU"):
 - The loss is a mean over the trained tokens of the whole step, all ranks together: each rank divides by the
   global count (World.sum), and the LoRA gradients are summed across ranks after the last micro-batch
   (World.sum_grads), so N ranks x b equals 1 process x N*b.
+- Each rank evaluates a contiguous 1/N of the eval set (eval_share) and the tasks' eval sums are added (World.sum):
+  the metrics are the one-process ones. A rank with fewer batches runs stand-in forwards so every rank runs as
+  many (FSDP gathers parameters inside each).
 - Only the main process writes into OUT (lock, config, metrics, checkpoints, adapter, plot): World.main_does runs
   the write there and hands its outcome, success or the error, to every rank, so no rank waits on a main process
   that failed.
@@ -19,8 +22,10 @@ The rules (README "More than one GPU"):
 
 from __future__ import annotations
 
+import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -195,6 +200,33 @@ def rank_share(micro_batches: list[list[int]], batch_size: int, world: World) ->
         mine = mb[world.rank * per:(world.rank + 1) * per] if world.distributed else mb
         shares.append((mine, 1.0) if mine else (mb[:1], 0.0))
     return shares
+
+
+class Share(Sequence):
+    """examples[rows] read lazily, `rows` a range: one process's part of the eval set."""
+
+    def __init__(self, examples: Sequence, rows: range):
+        self.examples, self.rows = examples, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            picked = self.rows[i]
+            return self.examples[picked.start:picked.stop] if picked.step == 1 else [self.examples[j] for j in picked]
+        return self.examples[self.rows[i]]
+
+
+def eval_share(examples: Sequence, batch_size: int, world: World) -> tuple[Sequence, int]:
+    """This rank's contiguous part of the eval examples, and how many stand-in batches it runs after them: every
+    rank runs as many forwards as the rank with the most batches, because FSDP gathers parameters inside each."""
+    if not world.distributed:
+        return examples, 0
+    n = len(examples)
+    bounds = [n * r // world.size for r in range(world.size + 1)]
+    batches = [math.ceil((b - a) / batch_size) for a, b in zip(bounds, bounds[1:])]
+    return Share(examples, range(bounds[world.rank], bounds[world.rank + 1])), max(batches) - batches[world.rank]
 
 
 # ------------------------------------------------------------------------------------------ RNG per rank

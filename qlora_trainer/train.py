@@ -42,6 +42,7 @@ from qlora_trainer.progress import bars, phase, say, training_line
 from qlora_trainer.quant import make_optimizer
 from qlora_trainer.spectrum import model_spectra, verdict
 from qlora_trainer.stopping import Interrupted, StopRequest
+from qlora_trainer.tasks.base import stand_in_forwards
 from qlora_trainer.training import (append_metric, batch_indices, count_tokens, enable_checkpointing, epoch_examples,
                                     lr_at, memory_gb, plot_losses, read_metrics, set_seed, steps_for, to_device,
                                     train_step, write_metrics)
@@ -389,9 +390,14 @@ class Run:
                              train_cfg.seed, limit=self.stream_end)
 
     def evaluate(self) -> dict:
-        """The task's metrics on the eval set ({} without one); kept as the run's latest eval."""
-        self.eval_metrics = self.task.evaluate(self.loss_model, self.eval_examples, self.train_cfg.batch_size,
-                                               self.pad_id, self.accelerator.device)
+        """The task's metrics on the eval set ({} without one), each process evaluating its part; kept as the run's
+        latest eval."""
+        batch_size, device = self.train_cfg.batch_size, self.accelerator.device
+        share, stand_ins = distributed.eval_share(self.eval_examples, batch_size, self.world)
+        sums = self.task.eval_sums(self.loss_model, share, batch_size, self.pad_id, device)
+        if stand_ins:
+            stand_in_forwards(self.loss_model, self.eval_examples[0], stand_ins, self.pad_id, device)
+        self.eval_metrics = self.task.eval_metrics(self.world.sum(sums, "summing the eval metrics"))
         return self.eval_metrics
 
     def save_checkpoint(self, done: int) -> Path:

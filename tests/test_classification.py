@@ -63,6 +63,35 @@ def _our_classifier(path: Path, out: Path, seed: int = 0):
     return model.eval()
 
 
+def test_eval_sums_of_two_parts_give_the_metrics_of_the_whole_set(tmp_path):
+    """What processes sharing an eval set do (train's evaluate adds their eval_sums). Checked against each example's
+    prediction and loss computed alone, and a macro-F1 written out class by class."""
+    model = _our_classifier(ASSET, tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(3, 200, (int(n),), generator=gen).tolist(), "labels": i % 3}
+                for i, n in enumerate(torch.randint(4, 12, (11,), generator=gen))]
+    pad = model.config.pad_token_id
+    assert pad is not None and all(pad not in e["input_ids"] for e in examples)
+    task, loss_model = tasks.get("classification"), tasks.get("classification").loss_module(model, 1024)
+    parts = [task.eval_sums(loss_model, part, 4, pad, "cpu") for part in (examples[:5], examples[5:])]
+    metrics = task.eval_metrics([a + b for a, b in zip(*parts)])
+
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0].float() for e in examples]
+    predicted, gold = [int(x.argmax()) for x in logits], [e["labels"] for e in examples]
+    loss = sum(float(torch.nn.functional.cross_entropy(x[None], torch.tensor([g]))) for x, g in zip(logits, gold))
+    f1s = []
+    for c in sorted(set(predicted) | set(gold)):
+        tp = sum(p == g == c for p, g in zip(predicted, gold))
+        wrong = sum(p == c != g for p, g in zip(predicted, gold)) + sum(g == c != p for p, g in zip(predicted, gold))
+        f1s.append(2 * tp / (2 * tp + wrong))
+    assert len(set(predicted)) > 1
+    assert metrics["eval_accuracy"] == pytest.approx(sum(p == g for p, g in zip(predicted, gold)) / 11, abs=1e-6)
+    assert metrics["eval_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(loss / 11, abs=1e-5)
+    assert task.eval_metrics(task.eval_sums(loss_model, [], 4, pad, "cpu")) == {}
+
+
 def test_causal_checkpoint_loads_as_an_nf4_classifier_like_transformers():
     ours = load_quantized(ASSET, compute_dtype="fp32", device="cpu", task="classification", num_labels=3,
                           progress=False)  # the checkpoint's lm_head.weight is not "unexpected"

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from qlora_trainer import cli
 from qlora_trainer.adapter import load_adapter_into
-from qlora_trainer.distributed import World, check_batch, rank_share
+from qlora_trainer.distributed import World, check_batch, eval_share, rank_share
 from qlora_trainer.errors import UserError
 from tests.helpers import ASSET, REPO, load_ours, logits_of, random_ids, transformers_nf4
 
@@ -34,6 +34,7 @@ STEPS = 5
 RUN = dict(lora={"r": 4, "alpha": 8, "dropout": 0.0},  # no dropout: its masks are per rank (a random stream each)
            train={"epochs": 33 / 32, "batch_size": 4, "grad_accum": 2, "optimizer": "adamw", "lr": 2e-3,
                   "warmup_steps": 1, "save_every": 2, "eval_every": 2, "log_every": 1, "keep_checkpoints": 3})
+EVAL_ROWS = 9  # 2 processes evaluate 4 and 5 of them in batches of 4: rank 0 runs a stand-in batch (eval_share)
 AUDIT = """\
 import os, sys
 _log = os.environ.get("AUDIT_DIR")
@@ -63,7 +64,7 @@ def workspace(root: Path, **changes) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     demo = REPO / "data" / "demo"
     (root / "train.jsonl").write_text("\n".join((demo / "train.jsonl").read_text().splitlines()[:32]) + "\n")
-    (root / "eval.jsonl").write_text("\n".join((demo / "eval.jsonl").read_text().splitlines()[:4]) + "\n")
+    (root / "eval.jsonl").write_text("\n".join((demo / "eval.jsonl").read_text().splitlines()[:EVAL_ROWS]) + "\n")
     config = {"model": {"path": str(ASSET), "compute_dtype": "fp32"},
               "data": {"path": str(root / "train.jsonl"), "format": "chat", "max_seq_len": 64,
                        "eval_path": str(root / "eval.jsonl")},
@@ -99,6 +100,17 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def eval_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+
+
+def same_evals(out: Path, reference: Path) -> bool:
+    """The eval losses of a run whose processes shared the eval set are the one-process run's (to its rounding)."""
+    ours, theirs = eval_losses(out), eval_losses(reference)
+    return ours.keys() == theirs.keys() == {2, 4, 5} and max(abs(ours[s] - theirs[s]) for s in ours) < 2e-6
+
+
 def adapter_diff(a: Path, b: Path) -> float:
     x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert x.keys() == y.keys()
@@ -129,6 +141,21 @@ def test_each_rank_takes_its_own_slice_and_together_they_take_the_whole_batch():
     assert [rank_share(short, 4, World(r, 4))[0] for r in range(4)] == [([5], 1.0), ([6], 1.0), ([1], 1.0),
                                                                          ([5], 0.0)]
     assert rank_share(micro, 4, World()) == [(mb, 1.0) for mb in micro]
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 9, 16, 17])
+def test_the_ranks_evaluate_every_example_once_and_run_as_many_forwards(n):
+    examples = [{"id": i} for i in range(n)]
+    for size in (2, 3):
+        seen, forwards = [], set()
+        for rank in range(size):
+            share, stand_ins = eval_share(examples, 4, World(rank, size))
+            batches = [share[a:a + 4] for a in range(0, len(share), 4)]
+            seen += [e["id"] for batch in batches for e in batch]
+            forwards.add(len(batches) + stand_ins)
+        assert seen == list(range(n))  # in order, none twice, none left out
+        assert len(forwards) == 1  # FSDP gathers inside every forward: no rank may wait for a forward never run
+    assert eval_share(examples, 4, World()) == (examples, 0)
 
 
 def test_a_batch_that_does_not_split_among_the_processes_is_one_clear_error():
@@ -186,6 +213,7 @@ def test_ddp_two_processes_train_the_one_process_model_and_only_the_main_process
     ours, theirs = losses(out), losses(reference)
     assert ours.keys() == theirs.keys() == set(range(1, STEPS + 1))
     assert max(abs(ours[s] - theirs[s]) for s in ours) < 1e-5  # metrics.jsonl rounds to 1e-6
+    assert same_evals(out, reference)
     assert adapter_diff(out / "adapter", reference / "adapter") < 1e-5
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000005"]
     state = json.loads((out / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
@@ -232,6 +260,7 @@ def test_fsdp_shards_the_nf4_base_and_trains_the_one_process_model(one_process, 
     assert len(shares) == 2 and all(abs(s - 50.0) < 1.0 for s in shares), output
     ours, theirs = losses(out), losses(reference)
     assert max(abs(ours[s] - theirs[s]) for s in ours) < 1e-5
+    assert same_evals(out, reference)
     assert adapter_diff(out / "adapter", reference / "adapter") < 1e-5
     # the adapter the sharded run saved is an ordinary PEFT adapter: PEFT over transformers' NF4 = ours
     peft_model = PeftModel.from_pretrained(transformers_nf4(ASSET), out / "adapter").eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,8 +41,18 @@ class Task:
         """forward(**batch) -> (summed loss, count it is a sum over)."""
         raise NotImplementedError
 
-    def evaluate(self, loss_model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, device) -> dict:
+    def evaluate(self, loss_model: nn.Module, examples: Sequence[dict], batch_size: int, pad_id: int, device) -> dict:
         """{eval_loss, ...} over `examples` ({} when there are none)."""
+        return self.eval_metrics(self.eval_sums(loss_model, examples, batch_size, pad_id, device))
+
+    def eval_sums(self, loss_model: nn.Module, examples: Sequence[dict], batch_size: int, pad_id: int,
+                  device) -> list[float]:
+        """Sums over `examples` that eval_metrics turns into metrics: the sums of parts of an eval set, added, are
+        those of the whole set (how processes share an evaluation)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        """{eval_loss, ...} from eval_sums ({} when they count no example)."""
         raise NotImplementedError
 
     def progress_fields(self, metrics: dict) -> dict:
@@ -86,7 +96,16 @@ def evaluating(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def batches(examples: list[dict], batch_size: int, pad_id: int, device) -> Iterator[dict]:
+def batches(examples: Sequence[dict], batch_size: int, pad_id: int, device) -> Iterator[dict]:
     """Collated batches of `examples` in order, on `device`."""
     for start in range(0, len(examples), batch_size):
         yield {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+
+
+def stand_in_forwards(loss_model: nn.Module, example: dict, count: int, pad_id: int, device) -> None:
+    """`count` forwards of `example` whose results are dropped: a process with fewer eval batches than another runs
+    them so that all run as many forwards (distributed.eval_share)."""
+    batch = next(batches([example], 1, pad_id, device))
+    with evaluating(loss_model):
+        for _ in range(count):
+            loss_model(**batch)

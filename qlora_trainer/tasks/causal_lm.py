@@ -22,17 +22,20 @@ class CausalLM(Task):
     def loss_module(self, model: nn.Module, loss_chunk_size: int) -> nn.Module:
         return CausalLMLoss(model, loss_chunk_size)
 
-    def evaluate(self, loss_model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, device) -> dict:
-        """{eval_loss}: the mean loss per trained token over all of `examples`."""
-        if not examples:
-            return {}
+    def eval_sums(self, loss_model: nn.Module, examples, batch_size: int, pad_id: int, device) -> list[float]:
+        """[summed loss, trained tokens, examples]."""
         total, tokens = 0.0, 0
         with evaluating(loss_model):
             for batch in batches(examples, batch_size, pad_id, device):
                 summed, n = loss_model(**batch)
                 total += float(summed)
                 tokens += n
-        return {"eval_loss": round(total / max(tokens, 1), 6)}
+        return [total, float(tokens), float(len(examples))]
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        """{eval_loss}: the mean loss per trained token."""
+        total, tokens, examples = sums
+        return {"eval_loss": round(total / max(tokens, 1), 6)} if examples else {}
 
     def load_with_adapter(self, base, adapter_dir: str | os.PathLike, *, compute_dtype=None, device=None,
                           progress: bool = False) -> tuple[nn.Module, Adapter]:

@@ -50,23 +50,28 @@ class Classification(Task):
     def loss_module(self, model: nn.Module, loss_chunk_size: int) -> nn.Module:
         return ClassifierLoss(model)
 
-    def evaluate(self, loss_model: nn.Module, examples: list[dict], batch_size: int, pad_id: int, device) -> dict:
-        """{eval_loss, eval_accuracy, eval_f1} over `examples`."""
-        if not examples:
-            return {}
+    def eval_sums(self, loss_model: nn.Module, examples, batch_size: int, pad_id: int, device) -> list[float]:
+        """[summed loss, examples, correct, then per class: true positives, false positives, false negatives]."""
         model = loss_model.model
-        total, preds, labels = 0.0, [], []
+        classes = model.config.num_labels
+        total, counts = 0.0, torch.zeros(3, classes, dtype=torch.float64)
         with evaluating(loss_model):
             for batch in batches(examples, batch_size, pad_id, device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False).logits.float()  # (B, C)
                 total += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-                preds.append(logits.argmax(-1).cpu())
-                labels.append(batch["labels"].cpu())
-        preds, labels = torch.cat(preds), torch.cat(labels)
-        return {"eval_loss": round(total / len(examples), 6),
-                "eval_accuracy": round(float((preds == labels).float().mean()), 6),
-                "eval_f1": round(macro_f1(preds, labels, model.config.num_labels), 6)}
+                counts += class_counts(logits.argmax(-1).cpu(), batch["labels"].cpu(), classes)
+        correct = float(counts[0].sum())
+        return [total, float(len(examples)), correct, *counts.flatten().tolist()]
+
+    def eval_metrics(self, sums: list[float]) -> dict:
+        """{eval_loss (per example), eval_accuracy, eval_f1 (macro)}."""
+        total, examples, correct = sums[:3]
+        if not examples:
+            return {}
+        tp, fp, fn = torch.tensor(sums[3:], dtype=torch.float64).view(3, -1)
+        return {"eval_loss": round(total / examples, 6), "eval_accuracy": round(correct / examples, 6),
+                "eval_f1": round(f1_from_counts(tp, fp, fn), 6)}
 
     def progress_fields(self, metrics: dict) -> dict:
         if "eval_accuracy" not in metrics:
@@ -225,16 +230,20 @@ class ClassifierLoss(nn.Module):
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
 
 
-def macro_f1(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
+def class_counts(preds: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(3, C) float64: true positives, false positives and false negatives of each class."""
+    classes = torch.arange(num_labels).unsqueeze(1)  # (C, 1)
+    predicted, actual = preds.unsqueeze(0) == classes, labels.unsqueeze(0) == classes  # (C, N)
+    return torch.stack([(predicted & actual).sum(1), (predicted & ~actual).sum(1),
+                        (~predicted & actual).sum(1)]).double()
+
+
+def f1_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> float:
     """Mean over the classes present in labels or predictions of 2TP / (2TP + FP + FN) (sklearn's macro F1)."""
-    scores = []
-    for c in range(num_labels):
-        tp = int(((preds == c) & (labels == c)).sum())
-        fp = int(((preds == c) & (labels != c)).sum())
-        fn = int(((preds != c) & (labels == c)).sum())
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return 0.0
+    return float((2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])).mean())
 
 
 def predict_logits(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
