@@ -7,6 +7,7 @@ a crash leaves at most a `.tmp-*` sibling, never a half-written final folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -82,7 +83,7 @@ def write_folder(final: Path, write: Callable[[Path], None], expected_bytes: int
         _put_in_place(tmp, final)
         fsync_path(final.parent)
     except OSError as err:
-        written = _folder_bytes(tmp)
+        written = folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in DISK_FULL:
             raise disk_full_error(final, err, expected_bytes, written) from None
@@ -119,11 +120,14 @@ def _plain_modes(tmp: Path) -> None:
             os.chmod(path, wanted)
 
 
-def _folder_bytes(folder: Path) -> int:
-    try:
-        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    except OSError:
-        return 0
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files under `folder`; a file gone meanwhile (removed by another process) counts 0."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 def human_bytes(n: float) -> str:

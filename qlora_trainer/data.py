@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qlora_trainer.atomic import human_bytes
 from qlora_trainer.config import DataConfig
 from qlora_trainer.data_sources import FILE_BUILDERS, load_rows  # noqa: F401 (where rows are read; kept importable here)
 from qlora_trainer.errors import UserError
@@ -286,7 +287,7 @@ def tokenizing_detail(stats: DataStats) -> str:
     entries, freed = stats.cache_removed
     if entries:
         detail += f" (removed {entries} old {'entry' if entries == 1 else 'entries'} no run can use, " \
-                  f"{freed / 2**20:,.1f} MiB)"
+                  f"{human_bytes(freed)})"
     return detail
 
 

@@ -159,21 +159,11 @@ def remove_unusable(root: Path, keep: Path, parts: dict, source: str) -> tuple[i
         except (OSError, ValueError, KeyError, TypeError):
             unusable = True
         if unusable:
-            size = _bytes_in(entry)
+            size = atomic.folder_bytes(entry)  # 0 for files another rank removed meanwhile
             shutil.rmtree(entry, ignore_errors=True)
             if not entry.exists():
                 removed, freed = removed + 1, freed + size
     return removed, freed
-
-
-def _bytes_in(folder: Path) -> int:
-    """The bytes of the files under `folder`; 0 for those gone meanwhile (another rank removing the same entry)."""
-    total = 0
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, name)).st_size
-    return total
 
 
 def _is_entry(path: Path) -> bool:
